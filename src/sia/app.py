@@ -1,0 +1,214 @@
+"""The application: opens every resource, runs until a signal, shuts down in order.
+
+Start-up order: blob store, provider, task backend (its workers start), gRPC
+server, HTTP server, retention sweeper; then readiness turns serving.
+
+Shutdown order (SIGTERM or SIGINT):
+  1. readiness off: `/ready` answers 503, grpc.health.v1 NOT_SERVING, and
+     new ImageService calls are refused with UNAVAILABLE;
+  2. drain, within SHUTDOWN_GRACE: the gRPC server stops accepting and lets
+     in-flight calls finish while the task backend stops taking tasks and
+     lets running ones finish (those still running are put back in the queue
+     for the next start);
+  3. close the sweeper, the HTTP server, the task store, the provider and
+     the blob store, in reverse order of opening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, Self
+
+from sia.errors import ConfigError
+from sia.health import Readiness
+from sia.http.server import HttpServer
+from sia.logs import get_logger
+from sia.metrics import Metrics
+from sia.providers.offline import OfflineProvider
+from sia.rpc.server import GrpcServer
+from sia.service import ImageService
+from sia.storage.local import LocalBlobStore
+from sia.tasks.sqlite import SqliteTaskBackend
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+    from types import TracebackType
+
+    from sia.config import Settings
+    from sia.providers.base import ImageProvider
+
+log = get_logger("sia.app")
+
+
+def build_provider(settings: Settings) -> ImageProvider:
+    """The provider that IMAGE_PROVIDER (or the presence of a key) selects."""
+    if settings.provider == "offline":
+        return OfflineProvider(
+            image_format=settings.offline_image_format, latency=settings.offline_latency
+        )
+    raise ConfigError(f"IMAGE_PROVIDER: {settings.provider!r} is not available in this build")
+
+
+class App:
+    """One running SIA instance; use as `async with App(settings) as app:`.
+
+    `provider` replaces the one the settings select (tests pass their own).
+    """
+
+    def __init__(self, settings: Settings, *, provider: ImageProvider | None = None) -> None:
+        self.settings = settings
+        self._provider = provider
+        self.metrics = Metrics()
+        self.readiness = Readiness()
+        self._stack = AsyncExitStack()
+        self._stopped = asyncio.Event()
+        self._shutdown_done = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    async def _start(self) -> None:
+        settings, stack = self.settings, self._stack
+        self.store = LocalBlobStore(settings.data_dir / "images", settings.image_base_public_url)
+        stack.push_async_callback(self.store.aclose)
+        self.provider = self._provider or build_provider(settings)
+        stack.push_async_callback(self.provider.aclose)
+        self.tasks = SqliteTaskBackend(
+            settings.data_dir / "tasks.db",
+            workers=settings.task_workers,
+            queue_limit=settings.task_queue_limit,
+        )
+        stack.push_async_callback(self.tasks.aclose)
+        self.service = ImageService(
+            settings,
+            provider=self.provider,
+            tasks=self.tasks,
+            store=self.store,
+            metrics=self.metrics,
+            readiness=self.readiness,
+        )
+        self._check_default_size()
+        await self.tasks.start(self.service.run_task)
+
+        self.grpc = GrpcServer(settings, self.service, self.metrics, self.readiness)
+        await self.grpc.start()
+        stack.push_async_callback(self.grpc.stop, 0)
+        self.readiness.on_change(lambda serving: self._spawn(self.grpc.set_serving(serving)))
+
+        self.http = HttpServer(settings, self.service)
+        await self.http.start()
+        stack.push_async_callback(self.http.stop)
+        if not settings.public_url:  # link to the port actually bound (HTTP_PORT may be 0)
+            self.store.base_url = f"http://localhost:{self.http.port}"
+
+        sweeper = asyncio.create_task(self._sweep_forever(), name="sia-retention-sweeper")
+        stack.push_async_callback(_cancel, sweeper)
+
+        self.metrics.info.labels(settings.app_version, self.provider.name).set(1)
+        self.readiness.mark_started()
+        log.info(
+            "server_ready",
+            grpc_port=self.grpc.port,
+            http_port=self.http.port,
+            provider=self.provider.name,
+            environment=settings.app_environment,
+        )
+
+    def _check_default_size(self) -> None:
+        spec = self.provider.models.get(self.settings.image_model)
+        if spec is None:
+            raise ConfigError(
+                f"IMAGE_MODEL: {self.settings.image_model!r} is not a model of the "
+                f"{self.provider.name} provider; known: {', '.join(sorted(self.provider.models))}"
+            )
+        if (problem := spec.check_size(self.settings.image_default_size)) is not None:
+            raise ConfigError(f"IMAGE_DEFAULT_SIZE: {problem}")
+
+    @property
+    def grpc_port(self) -> int:
+        """The port the gRPC server listens on (useful with GRPC_PORT=0)."""
+        return self.grpc.port
+
+    @property
+    def http_port(self) -> int:
+        """The port the HTTP side server listens on."""
+        return self.http.port
+
+    def request_stop(self, sig: signal.Signals | None = None) -> None:
+        """Ask `wait_for_stop` to return (what SIGTERM and SIGINT do)."""
+        if sig is not None:
+            log.info("shutdown_signal", signal=sig.name, grace_seconds=self.settings.shutdown_grace)
+        self._stopped.set()
+
+    async def wait_for_stop(self) -> None:
+        """Return once `request_stop` has been called."""
+        await self._stopped.wait()
+
+    async def shutdown(self) -> None:
+        """Run the shutdown order in the module docstring; idempotent."""
+        if self._shutdown_done:
+            return
+        self._shutdown_done = True
+        self.readiness.begin_shutdown()
+        grace = self.settings.shutdown_grace
+        await asyncio.gather(self.grpc.stop(grace), self.tasks.drain(grace))
+        await self._stack.aclose()
+        for task in list(self._background):
+            await _cancel(task)
+        log.info("shutdown_complete")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _sweep_forever(self) -> None:
+        interval = min(300.0, max(1.0, self.settings.task_retention / 10))
+        while True:
+            try:
+                await self.service.sweep()
+            except Exception:
+                log.exception("retention_sweep_failed")
+            await asyncio.sleep(interval)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def serve(settings: Settings) -> None:
+    """Run one instance until SIGTERM or SIGINT, then shut down in order.
+
+    The handlers are installed before start-up, so a signal that arrives while
+    the server starts still leads to a clean shutdown.
+    """
+    app = App(settings)
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, app.request_stop, sig)
+    try:
+        async with app:
+            await app.wait_for_stop()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,57 @@
+"""The `sia` command: `sia serve` runs the service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from sia import __version__
+from sia.config import load_settings
+from sia.errors import ConfigError
+from sia.logs import configure_logging, get_logger
+
+log = get_logger("sia.cli")
+
+
+def _serve(_: argparse.Namespace) -> int:
+    from sia.app import serve  # noqa: PLC0415 - keeps `sia --help` fast
+
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"sia: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.provider == "offline":
+        log.warning(
+            "offline_provider",
+            message="no IMAGE_API_KEY set: images are rendered locally by the offline provider",
+        )
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        log.error("startup_failed", error=exc.message)
+        print(f"sia: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        log.error("startup_failed", error=str(exc))
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its sub-commands."""
+    parser = argparse.ArgumentParser(prog="sia", description="SIA image-generation service")
+    parser.add_argument("--version", action="version", version=f"sia {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC and HTTP servers (settings from env)")
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sia` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

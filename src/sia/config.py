@@ -1,0 +1,125 @@
+"""Settings: read once at start-up from the environment and an optional `.env`.
+
+Everything else receives a `Settings` instance; nothing else reads the
+environment. A bad value is reported as one line naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sia.errors import ConfigError
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; field `grpc_port` is variable GRPC_PORT."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    app_name: str = "sia-image-service"
+    app_version: str = "1.0.0"
+    app_environment: Literal["development", "staging", "production", "test"] = "development"
+
+    grpc_host: str = "0.0.0.0"  # noqa: S104 - a server listens on all interfaces by default
+    grpc_port: Port = 8080
+    grpc_max_message_mb: Annotated[int, Field(ge=4, le=2047)] = 64
+    grpc_max_pending_requests: Annotated[int, Field(ge=1)] = 3000
+    http_host: str = "0.0.0.0"  # noqa: S104
+    http_port: Port = 9090
+    public_url: str = ""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+    image_provider: Literal["auto", "offline", "ark", "openai"] = "auto"
+    image_api_key: SecretStr | None = None
+    image_base_url: str = "https://ark.cn-beijing.volces.com"
+    image_model: str = "doubao-seedream-4-0-250828"
+    image_default_size: str = "2K"
+    image_timeout: Annotated[float, Field(gt=0)] = 300.0
+    image_max_retries: Annotated[int, Field(ge=0, le=10)] = 3
+
+    offline_latency: Seconds = 0.0
+    offline_image_format: Literal["jpeg", "png"] = "jpeg"
+
+    data_dir: Path = Path("data")
+    task_workers: Annotated[int, Field(ge=1, le=1024)] = 4
+    task_queue_limit: Annotated[int, Field(ge=1)] = 1000
+    task_retention: Annotated[float, Field(gt=0)] = 86400.0
+    shutdown_grace: Seconds = 30.0
+
+    @field_validator("log_level", "log_format", "app_environment", "image_provider", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("image_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("public_url", "image_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_provider(self) -> Settings:
+        if self.app_environment == "production" and self.image_api_key is None:
+            if self.image_provider != "offline":
+                raise ValueError(
+                    "IMAGE_API_KEY: required when APP_ENVIRONMENT=production "
+                    "(set IMAGE_PROVIDER=offline to run without a provider)"
+                )
+        elif self.image_provider in ("ark", "openai") and self.image_api_key is None:
+            raise ValueError(f"IMAGE_API_KEY: required when IMAGE_PROVIDER={self.image_provider}")
+        return self
+
+    @property
+    def provider(self) -> Literal["offline", "ark", "openai"]:
+        """The provider to use: IMAGE_PROVIDER, or for `auto` ark with a key, offline without."""
+        if self.image_provider != "auto":
+            return self.image_provider
+        return "ark" if self.image_api_key is not None else "offline"
+
+    @property
+    def image_base_public_url(self) -> str:
+        """Base URL for links to images the service stores itself."""
+        return self.public_url or f"http://localhost:{self.http_port}"
+
+    @property
+    def grpc_max_message_bytes(self) -> int:
+        """GRPC_MAX_MESSAGE_MB in bytes."""
+        return self.grpc_max_message_mb * 1024 * 1024
+
+
+def load_settings(env_file: str | Path | None = ".env") -> Settings:
+    """Read the settings, raising ConfigError with one line per bad variable."""
+    try:
+        return Settings(_env_file=env_file)  # type: ignore[call-arg]  # pydantic-settings init arg
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        name = "_".join(str(part) for part in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}: {message}" if name else message)
+    return "; ".join(problems)

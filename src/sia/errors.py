@@ -1,0 +1,146 @@
+"""The service's one error tree.
+
+Every failure the service reports on purpose is a `SiaError`. The gRPC edge
+maps each class to a status code in one table (`sia.rpc.errors`); anything
+else that escapes a handler is a bug and becomes INTERNAL.
+
+    SiaError
+    ├── InvalidArgument            a request field is wrong (names the field)
+    ├── NotFound
+    │   └── TaskNotFound           no task has that id
+    ├── FailedPrecondition
+    │   └── TaskNotCancellable     the task has already finished
+    ├── ResourceExhausted
+    │   └── QueueFull              too many tasks are waiting
+    ├── Unavailable
+    │   └── ShuttingDown           the server is draining
+    ├── DeadlineExceeded           the generation ran past IMAGE_TIMEOUT
+    └── ConfigError                a setting is missing or wrong (start-up only)
+
+Foreign exceptions (sqlite3, aiohttp, Pillow) never leave the module that
+talks to them: it translates them into one of these, raised `from` the
+original.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SiaError(Exception):
+    """Root of every error the service raises on purpose.
+
+    `reason` is a stable UPPER_SNAKE identifier for machines (it becomes the
+    `google.rpc.ErrorInfo` reason); the message is for people.
+    """
+
+    reason = "SIA_ERROR"
+
+    def __init__(self, message: str, *, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata or {}
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: its name as the client spells it, and what is wrong."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(SiaError):
+    """A request field is missing or wrong; `violations` name each field."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
+        self.violations = violations if isinstance(violations, list) else [violations]
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+    @classmethod
+    def field(cls, name: str, description: str) -> InvalidArgument:
+        """The error for a single bad field."""
+        return cls(FieldViolation(name, description))
+
+
+class NotFound(SiaError):
+    """The named thing does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class TaskNotFound(NotFound):
+    """No task has the given id (or it has expired)."""
+
+    reason = "TASK_NOT_FOUND"
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task {task_id!r} not found", metadata={"task_id": task_id})
+
+
+class FailedPrecondition(SiaError):
+    """The operation is not allowed in the current state."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class TaskNotCancellable(FailedPrecondition):
+    """The task has already finished, so it cannot be cancelled."""
+
+    reason = "TASK_FINISHED"
+
+    def __init__(self, task_id: str, status: str) -> None:
+        super().__init__(
+            f"task {task_id!r} has finished ({status}) and cannot be cancelled",
+            metadata={"task_id": task_id, "status": status},
+        )
+
+
+class ResourceExhausted(SiaError):
+    """A limit was reached; the caller may retry later."""
+
+    reason = "RESOURCE_EXHAUSTED"
+    retry_after: float | None = None
+
+
+class QueueFull(ResourceExhausted):
+    """The task queue holds as many unfinished tasks as it may."""
+
+    reason = "QUEUE_FULL"
+    retry_after = 5.0
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the task queue is full ({limit} unfinished tasks); retry later",
+            metadata={"limit": str(limit)},
+        )
+
+
+class Unavailable(SiaError):
+    """The service cannot take the call now; the caller should retry."""
+
+    reason = "UNAVAILABLE"
+    retry_after: float | None = 1.0
+
+
+class ShuttingDown(Unavailable):
+    """The server is draining before it exits."""
+
+    reason = "SHUTTING_DOWN"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry on another instance")
+
+
+class DeadlineExceeded(SiaError):
+    """The generation did not finish within its time budget."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class ConfigError(SiaError):
+    """A setting is missing or invalid; raised only at start-up."""
+
+    reason = "CONFIG_ERROR"

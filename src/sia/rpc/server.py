@@ -1,0 +1,96 @@
+"""The gRPC server: ImageService, standard health, reflection, and channel options."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sia.api.image.v1 import image_service_pb2 as pb
+from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
+from sia.logs import get_logger
+from sia.rpc.interceptors import ObservabilityInterceptor
+from sia.rpc.servicer import ImageServicer
+
+if TYPE_CHECKING:
+    from sia.config import Settings
+    from sia.health import Readiness
+    from sia.metrics import Metrics
+    from sia.service import ImageService
+
+log = get_logger("sia.rpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
+HEALTH_NAMES = ("", SERVICE_NAME)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments: message sizes, pending-call limit and keepalive.
+
+    Keepalive: the server pings idle connections every 60 s and accepts client
+    pings as often as every 10 s, with or without calls in flight, so clients
+    holding minute-long calls are never sent GOAWAY `too_many_pings`.
+    """
+    size = settings.grpc_max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.server.max_pending_requests", settings.grpc_max_pending_requests),
+        ("grpc.max_concurrent_streams", 100_000),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class GrpcServer:
+    """The grpc.aio server with every service registered; owns its health servicer."""
+
+    def __init__(
+        self, settings: Settings, service: ImageService, metrics: Metrics, readiness: Readiness
+    ) -> None:
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[ObservabilityInterceptor(metrics, readiness)],
+            options=server_options(settings),
+        )
+        pb_grpc.add_ImageServiceServicer_to_server(ImageServicer(service), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Start serving; health starts NOT_SERVING until readiness says otherwise."""
+        await self.server.start()
+        log.info("grpc_server_started", host=self.settings.grpc_host, port=self.port)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Publish the serving flag on grpc.health.v1 for the server and ImageService."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_NAMES:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        """Health NOT_SERVING for good, refuse new calls, let in-flight calls finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        log.info("grpc_server_stopped")

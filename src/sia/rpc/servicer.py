@@ -1,0 +1,88 @@
+"""The image.v1.ImageService servicer: converts messages and delegates to ImageService.
+
+Errors are raised as `SiaError`; the interceptor turns them into statuses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sia.api.image.v1 import image_service_pb2 as pb
+from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
+from sia.domain import utcnow
+from sia.errors import InvalidArgument
+from sia.rpc import convert
+
+if TYPE_CHECKING:
+    import grpc.aio
+
+    from sia.service import ImageService
+
+
+def _task_id(value: str) -> str:
+    if not value.strip():
+        raise InvalidArgument.field("task_id", "must not be empty")
+    return value.strip()
+
+
+class ImageServicer(pb_grpc.ImageServiceServicer):
+    """Thin gRPC edge of ImageService."""
+
+    def __init__(self, service: ImageService) -> None:
+        self.service = service
+
+    async def GenerateImage(
+        self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GenerateImageResponse:
+        """Generate one image and wait for it."""
+        domain = convert.generate_request(request, self.service.defaults)
+        result = await self.service.generate(domain, timeout=context.time_remaining())
+        return convert.generate_response(result)
+
+    async def GenerateSequentialImages(
+        self,
+        request: pb.GenerateSequentialImagesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pb.GenerateImageResponse:
+        """Generate a group of images and wait for them."""
+        domain = convert.sequential_request(request, self.service.defaults)
+        result = await self.service.generate(domain, timeout=context.time_remaining())
+        return convert.generate_response(result)
+
+    async def GenerateImageAsync(
+        self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GenerateImageAsyncResponse:
+        """Store the request as a task and answer with its id."""
+        task = await self.service.submit(convert.generate_request(request, self.service.defaults))
+        return pb.GenerateImageAsyncResponse(
+            task_id=task.id,
+            status=convert.task_status(task.status),
+            created_at=convert.timestamp(task.created_at),
+        )
+
+    async def GetImageTask(
+        self, request: pb.GetImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetImageTaskResponse:
+        """Answer a task's status and result."""
+        return convert.task_response(await self.service.get_task(_task_id(request.task_id)))
+
+    async def CancelImageTask(
+        self, request: pb.CancelImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.CancelImageTaskResponse:
+        """Cancel a queued or running task."""
+        task = await self.service.cancel_task(_task_id(request.task_id))
+        return pb.CancelImageTaskResponse(task_id=task.id, status=convert.task_status(task.status))
+
+    async def HealthCheck(
+        self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.HealthCheckResponse:
+        """Say whether this instance takes work."""
+        settings = self.service.settings
+        serving = await self.service.ready()
+        return pb.HealthCheckResponse(
+            status=pb.SERVING_STATUS_SERVING if serving else pb.SERVING_STATUS_NOT_SERVING,
+            service=settings.app_name,
+            version=settings.app_version,
+            provider=self.service.provider.name,
+            timestamp=convert.timestamp(utcnow()),
+        )

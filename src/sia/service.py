@@ -1,0 +1,181 @@
+"""The use cases: generate, submit, get and cancel tasks, and housekeeping.
+
+`ImageService` is the domain core the edges call. It knows the provider, the
+task backend and the blob store only through their protocols, and nothing of
+gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sia.domain import (
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    ImageError,
+    ResponseFormat,
+    utcnow,
+)
+from sia.errors import DeadlineExceeded, NotFound, SiaError
+from sia.logs import get_logger
+from sia.validation import Defaults
+
+if TYPE_CHECKING:
+    from sia.config import Settings
+    from sia.domain import Task
+    from sia.health import Readiness
+    from sia.metrics import Metrics
+    from sia.providers.base import ImageProvider
+    from sia.storage.base import BlobStore
+    from sia.tasks.base import TaskBackend
+
+log = get_logger("sia.service")
+
+_EXPIRED = ImageError("IMAGE_EXPIRED", "the stored image has expired")
+
+
+class ImageService:
+    """Generates images now or as tasks, and keeps stored results tidy."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        provider: ImageProvider,
+        tasks: TaskBackend,
+        store: BlobStore,
+        metrics: Metrics,
+        readiness: Readiness,
+    ) -> None:
+        self.settings = settings
+        self.provider = provider
+        self.tasks = tasks
+        self.store = store
+        self.metrics = metrics
+        self.readiness = readiness
+        self.defaults = Defaults(
+            model=settings.image_model,
+            size=settings.image_default_size,
+            models=provider.models,
+        )
+
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float | None = None
+    ) -> GenerationResult:
+        """Generate now, within IMAGE_TIMEOUT and the caller's `timeout` if sooner.
+
+        Images the provider returns as bytes are stored when the caller asked
+        for URLs, so the URL points at this service.
+        """
+        result = await self._call_provider(request, timeout)
+        if request.response_format is ResponseFormat.URL:
+            result = await self._store_bytes(result)
+        return result
+
+    async def run_task(self, task: Task) -> GenerationResult:
+        """Task runner: generate, then keep every image in the blob store."""
+        result = await self._call_provider(task.request, None)
+        return await self._store_bytes(result)
+
+    async def submit(self, request: GenerationRequest) -> Task:
+        """Store `request` as a task (or return the task of its request_id)."""
+        return await self.tasks.submit(request)
+
+    async def get_task(self, task_id: str) -> Task:
+        """The task, with its result's images as URLs or bytes, as it asked."""
+        task = await self.tasks.get(task_id)
+        if task.result is None:
+            return task
+        result = await self._materialize(task.result, task.request.response_format)
+        return dataclasses.replace(task, result=result)
+
+    async def cancel_task(self, task_id: str) -> Task:
+        """Cancel a queued or running task."""
+        return await self.tasks.cancel(task_id)
+
+    async def ready(self) -> bool:
+        """True when this instance should receive traffic."""
+        return self.readiness.serving and await self.tasks.ready()
+
+    async def publish_task_counts(self) -> None:
+        """Refresh the task gauges from the backend (called on each scrape)."""
+        self.metrics.set_task_counts(self.tasks.name, await self.tasks.counts())
+
+    async def sweep(self) -> None:
+        """Delete tasks and stored images older than the retention period."""
+        cutoff = utcnow() - timedelta(seconds=self.settings.task_retention)
+        tasks = await self.tasks.purge(cutoff)
+        blobs = await self.store.sweep(cutoff)
+        if tasks or blobs:
+            log.info("retention_sweep", tasks_deleted=tasks, images_deleted=blobs)
+
+    async def _call_provider(
+        self, request: GenerationRequest, timeout: float | None
+    ) -> GenerationResult:
+        budget = self.settings.image_timeout
+        if timeout is not None:
+            budget = min(budget, timeout)
+        provider, model = self.provider.name, request.model
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(budget):
+                result = await self.provider.generate(request, timeout=budget)
+        except TimeoutError:
+            self.metrics.upstream_errors.labels(provider, "TIMEOUT").inc()
+            raise DeadlineExceeded(f"the generation did not finish within {budget:.3g} s") from None
+        except SiaError as exc:
+            self.metrics.upstream_errors.labels(
+                provider, exc.metadata.get("upstream_code", exc.reason)
+            ).inc()
+            raise
+        finally:
+            self.metrics.upstream_seconds.labels(provider, model).observe(
+                time.perf_counter() - start
+            )
+        ok = sum(1 for image in result.images if image.ok)
+        if ok:
+            self.metrics.images_generated.labels(result.model, "success").inc(ok)
+        if failed := len(result.images) - ok:
+            self.metrics.images_generated.labels(result.model, "failure").inc(failed)
+        return result
+
+    async def _store_bytes(self, result: GenerationResult) -> GenerationResult:
+        """Move inline image bytes into the blob store, linking each image to its blob."""
+
+        async def store(image: GeneratedImage) -> GeneratedImage:
+            if not image.data:
+                return image
+            key = await self.store.put(image.data, image.content_type)
+            return dataclasses.replace(
+                image,
+                blob_key=key,
+                url=self.store.url(key),
+                data=b"",
+            )
+
+        images = await asyncio.gather(*(store(image) for image in result.images))
+        return dataclasses.replace(result, images=tuple(images))
+
+    async def _materialize(
+        self, result: GenerationResult, response_format: ResponseFormat
+    ) -> GenerationResult:
+        """Fill in each stored image's URL, or its bytes for B64_JSON."""
+
+        async def fill(image: GeneratedImage) -> GeneratedImage:
+            if not image.blob_key:
+                return image
+            if response_format is ResponseFormat.URL:
+                return dataclasses.replace(image, url=self.store.url(image.blob_key))
+            try:
+                data = await self.store.get(image.blob_key)
+            except NotFound:
+                return dataclasses.replace(image, error=_EXPIRED)
+            return dataclasses.replace(image, url="", data=data)
+
+        images = await asyncio.gather(*(fill(image) for image in result.images))
+        return dataclasses.replace(result, images=tuple(images))

@@ -1,0 +1,76 @@
+"""The task-backend seam: where async generations are stored and run."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeAlias
+
+from sia.domain import GenerationResult, Task
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from datetime import datetime
+
+    from sia.domain import GenerationRequest, TaskStatus
+
+#: Runs one task to completion and returns its result, with every image already
+#: in the blob store; raises sia.errors.SiaError for a failure the task reports.
+Runner: TypeAlias = Callable[[Task], Awaitable[GenerationResult]]
+
+
+class TaskBackend(Protocol):
+    """Stores tasks, runs them with bounded concurrency, and answers for them.
+
+    Life cycle: `start(runner)` begins running queued tasks (including those
+    left QUEUED or RUNNING by a previous process); `drain(grace)` stops taking
+    new ones and gives running ones `grace` seconds before they are put back
+    in the queue for the next start; `aclose()` releases the store.
+    """
+
+    @property
+    def name(self) -> str:
+        """Short name shown in metrics, e.g. "sqlite"."""
+        ...
+
+    async def start(self, runner: Runner) -> None:
+        """Open the store and start the workers."""
+        ...
+
+    async def submit(self, request: GenerationRequest) -> Task:
+        """Store a new QUEUED task, or return the existing one for request.request_id.
+
+        Raises sia.errors.QueueFull when the queue is at its limit.
+        """
+        ...
+
+    async def get(self, task_id: str) -> Task:
+        """The task; raises sia.errors.TaskNotFound."""
+        ...
+
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel a queued or running task and return it, now CANCELLED.
+
+        Raises sia.errors.TaskNotFound, or sia.errors.TaskNotCancellable when
+        the task has already finished.
+        """
+        ...
+
+    async def counts(self) -> Mapping[TaskStatus, int]:
+        """How many stored tasks are in each status."""
+        ...
+
+    async def purge(self, finished_before: datetime) -> int:
+        """Delete tasks that finished before `finished_before`; return how many."""
+        ...
+
+    async def ready(self) -> bool:
+        """True while the store answers."""
+        ...
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking tasks; wait up to `grace` s for running ones, then requeue them."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop the workers and close the store; idempotent."""
+        ...

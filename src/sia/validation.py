@@ -1,0 +1,200 @@
+"""Request validation: turns what a client sent into a `GenerationRequest`.
+
+Every check runs before any work, and every problem is reported at once, each
+naming the field as the client spells it (`images[2]`, `max_images`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from PIL import Image, UnidentifiedImageError
+
+from sia.domain import GenerationRequest, ResponseFormat
+from sia.errors import FieldViolation, InvalidArgument
+from sia.models import MAX_GROUP_IMAGES, ModelSpec
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+MAX_PROMPT_CHARS = 4000
+MAX_REFERENCE_IMAGES = 14
+MAX_REFERENCE_BYTES = 10 * 1024 * 1024
+MAX_REFERENCE_PIXELS = 36_000_000
+MIN_REFERENCE_SIDE = 15
+MAX_URL_CHARS = 4096
+SEED_RANGE = (-1, 2_147_483_647)
+GUIDANCE_RANGE = (1.0, 10.0)
+
+#: Reference image formats the upstream accepts, by the name in the data URI.
+REFERENCE_FORMATS: Mapping[str, str] = {
+    "jpeg": "JPEG",
+    "jpg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "bmp": "BMP",
+    "tiff": "TIFF",
+    "gif": "GIF",
+}
+
+_DATA_URI = re.compile(r"data:image/(?P<fmt>[^;,]+);base64,(?P<data>.*)", re.DOTALL)
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """Server-side defaults and the model catalogue that validation checks against."""
+
+    model: str
+    size: str
+    models: Mapping[str, ModelSpec]
+
+
+def validate_request(
+    defaults: Defaults,
+    *,
+    prompt: str,
+    model: str = "",
+    size: str = "",
+    response_format: ResponseFormat = ResponseFormat.URL,
+    watermark: bool | None = None,
+    images: Sequence[str] = (),
+    seed: int | None = None,
+    guidance_scale: float | None = None,
+    max_images: int | None = None,
+    sequential: bool = False,
+    request_id: str = "",
+) -> GenerationRequest:
+    """A validated, fully resolved request, or InvalidArgument listing every bad field."""
+    problems: list[FieldViolation] = []
+
+    def bad(name: str, description: str) -> None:
+        problems.append(FieldViolation(name, description))
+
+    prompt = prompt.strip()
+    if not prompt:
+        bad("prompt", "must not be empty")
+    elif len(prompt) > MAX_PROMPT_CHARS:
+        bad("prompt", f"is {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+
+    model = model.strip() or defaults.model
+    spec = defaults.models.get(model)
+    if spec is None:
+        bad("model", f"unknown model {model!r}; known: {', '.join(sorted(defaults.models))}")
+
+    size = size.strip()
+    if spec is not None:
+        if not size:
+            size = defaults.size if spec.check_size(defaults.size) is None else spec.default_size
+        elif (problem := spec.check_size(size)) is not None:
+            bad("size", problem)
+
+    for index, ref in enumerate(images):
+        if (problem := check_reference_image(ref)) is not None:
+            bad(f"images[{index}]", problem)
+    if len(images) > MAX_REFERENCE_IMAGES:
+        bad("images", f"{len(images)} reference images; at most {MAX_REFERENCE_IMAGES}")
+    elif spec is not None and not (
+        spec.min_reference_images <= len(images) <= spec.max_reference_images
+    ):
+        bad("images", _reference_count_rule(spec, len(images)))
+
+    if sequential:
+        if spec is not None and not spec.sequential:
+            bad("model", f"{spec.id} does not support sequential image generation")
+        if max_images is None:
+            max_images = max(1, MAX_GROUP_IMAGES - len(images))
+        elif not 1 <= max_images <= MAX_GROUP_IMAGES:
+            bad("max_images", f"is {max_images}; must be between 1 and {MAX_GROUP_IMAGES}")
+        elif len(images) + max_images > MAX_GROUP_IMAGES:
+            bad(
+                "max_images",
+                f"{len(images)} reference images plus max_images {max_images} exceed "
+                f"{MAX_GROUP_IMAGES}",
+            )
+
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        bad("seed", f"is {seed}; must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}")
+    if guidance_scale is not None and not (
+        math.isfinite(guidance_scale) and GUIDANCE_RANGE[0] <= guidance_scale <= GUIDANCE_RANGE[1]
+    ):
+        bad("guidance_scale", f"is {guidance_scale}; must be between 1 and 10")
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        bad("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+
+    if problems:
+        raise InvalidArgument(problems)
+    return GenerationRequest(
+        prompt=prompt,
+        model=model,
+        size=size,
+        response_format=response_format,
+        watermark=watermark,
+        images=tuple(images),
+        seed=seed,
+        guidance_scale=guidance_scale,
+        max_images=max_images if sequential else None,
+        request_id=request_id,
+    )
+
+
+def _reference_count_rule(spec: ModelSpec, count: int) -> str:
+    if spec.max_reference_images == 0:
+        return f"{spec.id} takes no reference images; got {count}"
+    if spec.min_reference_images == spec.max_reference_images:
+        return f"{spec.id} takes exactly {spec.min_reference_images} reference image; got {count}"
+    return f"{spec.id} takes at most {spec.max_reference_images} reference images; got {count}"
+
+
+def check_reference_image(ref: str) -> str | None:
+    """None when `ref` is an acceptable reference image, else what is wrong with it."""
+    if ref.startswith("data:"):
+        return _check_data_uri(ref)
+    if len(ref) > MAX_URL_CHARS:
+        return f"URL is longer than {MAX_URL_CHARS} characters"
+    parts = urlsplit(ref)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL or a data:image/<format>;base64, URI"
+    return None
+
+
+def _check_data_uri(ref: str) -> str | None:
+    match = _DATA_URI.fullmatch(ref)
+    if match is None:
+        return "malformed data URI; expected data:image/<format>;base64,<data>"
+    fmt = match["fmt"]
+    if fmt not in REFERENCE_FORMATS:
+        return (
+            f"unsupported image format {fmt!r}; use one of "
+            f"{', '.join(sorted(set(REFERENCE_FORMATS) - {'jpg'}))} (lower case)"
+        )
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        return "data URI payload is not valid base64"
+    if len(data) > MAX_REFERENCE_BYTES:
+        return f"image is {len(data):,} bytes; at most {MAX_REFERENCE_BYTES:,}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                actual, (width, height) = img.format, img.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return f"data URI payload is not a readable {fmt} image"
+    if actual != REFERENCE_FORMATS[fmt]:
+        return f"data URI says {fmt} but the payload is {actual or 'unknown'}"
+    if min(width, height) < MIN_REFERENCE_SIDE:
+        return f"image is {width}x{height}; each side must be at least {MIN_REFERENCE_SIDE} px"
+    if not 1 / 16 <= width / height <= 16:
+        return f"image is {width}x{height}; aspect ratio must be between 1/16 and 16"
+    if width * height > MAX_REFERENCE_PIXELS:
+        return f"image is {width}x{height}; at most {MAX_REFERENCE_PIXELS:,} pixels"
+    return None

@@ -1,0 +1,197 @@
+"""Tests of the whole process: `sia serve` started as a subprocess, signals, logs, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from sia.api.image.v1 import image_service_pb2 as pb
+from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
+
+SECRET = "sk-never-log-this-4242"
+
+
+@dataclass
+class Server:
+    """A running `sia serve` process and what it has printed."""
+
+    proc: asyncio.subprocess.Process
+    grpc_port: int
+    http_port: int
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    async def exit_code(self, timeout: float = 20) -> int:
+        """Wait for the process to exit and return its code."""
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        if self.reader is not None:
+            await self.reader
+        return code
+
+
+def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for a test server: free ports, its own data dir, a slow offline provider."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGE_", "APP_", "TASK_"))}
+    env.update(
+        GRPC_HOST="127.0.0.1",
+        GRPC_PORT="0",
+        HTTP_HOST="127.0.0.1",
+        HTTP_PORT="0",
+        DATA_DIR=str(data_dir),
+        IMAGE_DEFAULT_SIZE="1280x720",
+        LOG_LEVEL="info",
+        LOG_FORMAT="json",
+    )
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def serve(env: dict[str, str], cwd: Path) -> AsyncIterator[Server]:
+    """Start `python -m sia serve`, wait for server_ready, and kill it if the test leaves it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sia", "serve",
+        env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    ready: dict[str, Any] = {}
+    async with asyncio.timeout(20):
+        while not ready:
+            raw = await proc.stdout.readline()
+            assert raw, "server exited before it was ready:\n" + "".join(lines)
+            lines.append(raw.decode())
+            if '"server_ready"' in lines[-1]:
+                ready = json.loads(lines[-1])
+
+    async def read_rest() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            lines.append(raw.decode())
+
+    server = Server(proc, ready["grpc_port"], ready["http_port"], lines)
+    server.reader = asyncio.create_task(read_rest())
+    try:
+        yield server
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await server.reader
+
+
+@asynccontextmanager
+async def client(server: Server) -> AsyncIterator[pb_grpc.ImageServiceStub]:
+    """An ImageService stub connected to the server process."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        yield pb_grpc.ImageServiceStub(channel)
+
+
+async def test_sigterm_drains_and_tasks_survive_restart(tmp_path: Path) -> None:
+    """SIGTERM lets an in-flight RPC finish, exits 0, and a queued task runs after restart."""
+    env = server_env(
+        tmp_path / "data", TASK_WORKERS="1", OFFLINE_LATENCY="1.5", SHUTDOWN_GRACE="10"
+    )
+    async with serve(env, tmp_path) as server, client(server) as stub:
+        running = await stub.GenerateImageAsync(pb.GenerateImageRequest(prompt="first"))
+        queued = await stub.GenerateImageAsync(pb.GenerateImageRequest(prompt="second"))
+        in_flight = asyncio.ensure_future(
+            stub.GenerateImage(pb.GenerateImageRequest(prompt="in flight"), timeout=30)
+        )
+        await asyncio.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        response = await in_flight
+        assert response.images[0].url
+        assert await server.exit_code() == 0
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.HealthCheck(pb.HealthCheckRequest(), timeout=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    events = [json.loads(line)["event"] for line in server.lines]
+    assert "shutdown_signal" in events
+    assert events[-1] == "shutdown_complete"
+
+    async with serve(env, tmp_path) as server, client(server) as stub:
+        for task_id in (running.task_id, queued.task_id):
+            async with asyncio.timeout(15):
+                while True:
+                    task = await stub.GetImageTask(pb.GetImageTaskRequest(task_id=task_id))
+                    if task.status == pb.TASK_STATUS_SUCCEEDED:
+                        break
+                    assert task.status in (pb.TASK_STATUS_QUEUED, pb.TASK_STATUS_RUNNING)
+                    await asyncio.sleep(0.1)
+        server.proc.send_signal(signal.SIGINT)
+        assert await server.exit_code() == 0
+
+
+async def test_logs_are_json_lines_without_secrets(tmp_path: Path) -> None:
+    """Every stdout line is a JSON object; access lines carry request ids; the key never shows."""
+    env = server_env(tmp_path / "data", IMAGE_PROVIDER="offline", IMAGE_API_KEY=SECRET)
+    async with serve(env, tmp_path) as server, client(server) as stub:
+        await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="a cat"), metadata=(("x-request-id", "req-77"),)
+        )
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt=""))
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code() == 0
+    output = "".join(server.lines)
+    assert SECRET not in output
+    records = [json.loads(line) for line in server.lines]
+    for record in records:
+        assert {"timestamp", "level", "event", "logger"} <= set(record), record
+    access = [r for r in records if r["event"] == "rpc"]
+    assert [(r["code"], r["method"]) for r in access] == [
+        ("OK", "/image.v1.ImageService/GenerateImage"),
+        ("INVALID_ARGUMENT", "/image.v1.ImageService/GenerateImage"),
+    ]
+    assert access[0]["request_id"] == "req-77"
+    assert access[1]["request_id"]
+    assert all(isinstance(r["duration_ms"], float) for r in access)
+
+
+async def test_offline_warning_once(tmp_path: Path) -> None:
+    """Without a key the server starts on the offline provider and warns once."""
+    async with serve(server_env(tmp_path / "data"), tmp_path) as server:
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code() == 0
+    warnings = [json.loads(line) for line in server.lines if '"offline_provider"' in line]
+    assert len(warnings) == 1
+    assert warnings[0]["level"] == "warning"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"GRPC_PORT": "http"}, "GRPC_PORT: Input should be a valid integer"),
+        ({"APP_ENVIRONMENT": "production"}, "IMAGE_API_KEY: required when APP_ENVIRONMENT"),
+        ({"IMAGE_DEFAULT_SIZE": "10x10"}, "IMAGE_DEFAULT_SIZE: 10x10 is 100 pixels"),
+        ({"IMAGE_MODEL": "nope"}, "IMAGE_MODEL: 'nope' is not a model"),
+    ],
+)
+async def test_bad_config_exits_nonzero_with_one_line(
+    tmp_path: Path, extra: dict[str, str], message: str
+) -> None:
+    """A bad setting exits 2 with one stderr line naming the variable."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sia", "serve",
+        env=server_env(tmp_path / "data", **extra), cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    lines = stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("sia: configuration error: ")
+    assert message in lines[0]
