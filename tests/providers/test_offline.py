@@ -153,6 +153,13 @@ async def test_unencodable_size_raises_invalid_argument() -> None:
     assert caught.value.violations[0].field == "size"
 
 
+def test_unparseable_size_raises_invalid_argument() -> None:
+    """A size that is neither a keyword, WxH nor adaptive is rejected on `size`."""
+    with pytest.raises(InvalidArgument) as caught:
+        offline.dimensions("huge")
+    assert caught.value.violations[0].field == "size"
+
+
 async def test_rendering_runs_off_the_event_loop_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU work runs in a worker thread, not on the loop's thread."""
     threads: list[threading.Thread] = []
