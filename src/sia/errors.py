@@ -6,16 +6,24 @@ else that escapes a handler is a bug and becomes INTERNAL.
 
     SiaError
     ├── InvalidArgument            a request field is wrong (names the field)
+    │   └── UpstreamRejected       the provider refused the parameters or the content
     ├── NotFound
     │   └── TaskNotFound           no task has that id
     ├── FailedPrecondition
-    │   └── TaskNotCancellable     the task has already finished
+    │   ├── TaskNotCancellable     the task has already finished
+    │   └── ProviderMisconfigured  the provider refused this service's key, account or model
     ├── ResourceExhausted
-    │   └── QueueFull              too many tasks are waiting
+    │   ├── QueueFull              too many tasks are waiting
+    │   ├── UpstreamRateLimited    the provider's rate limit (retried first)
+    │   └── UpstreamQuotaExceeded  the provider's quota or spending limit (not retried)
     ├── Unavailable
-    │   └── ShuttingDown           the server is draining
+    │   ├── ShuttingDown           the server is draining
+    │   └── UpstreamUnavailable    5xx, timeout or connection failure (retried first)
     ├── DeadlineExceeded           the generation ran past IMAGE_TIMEOUT
     └── ConfigError                a setting is missing or wrong (start-up only)
+
+Upstream errors carry `metadata` with `provider`, `upstream_code` and
+`upstream_request_id`, which reach the client in `google.rpc.ErrorInfo`.
 
 Foreign exceptions (sqlite3, aiohttp, Pillow) never leave the module that
 talks to them: it translates them into one of these, raised `from` the
@@ -65,6 +73,18 @@ class InvalidArgument(SiaError):
         return cls(FieldViolation(name, description))
 
 
+class UpstreamRejected(InvalidArgument):
+    """The provider refused the request: a bad parameter or sensitive content."""
+
+    reason = "UPSTREAM_REJECTED"
+
+    def __init__(
+        self, field: str, description: str, *, metadata: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(FieldViolation(field, description))
+        self.metadata = metadata or {}
+
+
 class NotFound(SiaError):
     """The named thing does not exist."""
 
@@ -98,6 +118,15 @@ class TaskNotCancellable(FailedPrecondition):
         )
 
 
+class ProviderMisconfigured(FailedPrecondition):
+    """The provider refused this service's own credentials, account or model access.
+
+    The caller did nothing wrong: the server needs an operator's attention.
+    """
+
+    reason = "PROVIDER_MISCONFIGURED"
+
+
 class ResourceExhausted(SiaError):
     """A limit was reached; the caller may retry later."""
 
@@ -118,6 +147,28 @@ class QueueFull(ResourceExhausted):
         )
 
 
+class UpstreamRateLimited(ResourceExhausted):
+    """The provider's rate limit was hit and retries did not get through."""
+
+    reason = "UPSTREAM_RATE_LIMITED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after if retry_after is not None else 1.0
+
+
+class UpstreamQuotaExceeded(ResourceExhausted):
+    """The provider account's quota or spending limit is used up."""
+
+    reason = "UPSTREAM_QUOTA_EXCEEDED"
+
+
 class Unavailable(SiaError):
     """The service cannot take the call now; the caller should retry."""
 
@@ -132,6 +183,12 @@ class ShuttingDown(Unavailable):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry on another instance")
+
+
+class UpstreamUnavailable(Unavailable):
+    """The provider failed (5xx, timeout, connection) and retries did not get through."""
+
+    reason = "UPSTREAM_UNAVAILABLE"
 
 
 class DeadlineExceeded(SiaError):
