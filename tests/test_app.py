@@ -171,6 +171,40 @@ async def test_offline_warning_once(tmp_path: Path) -> None:
     assert warnings[0]["level"] == "warning"
 
 
+async def test_fake_ark_command_serves_the_ark_path(tmp_path: Path) -> None:
+    """`sia fake-ark` plus `sia serve` with its key and URL is the README's keyless Ark demo."""
+    fake = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sia", "fake-ark", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert fake.stdout is not None
+    try:
+        line = await asyncio.wait_for(fake.stdout.readline(), 20)
+        base_url = json.loads(line)["base_url"]
+        env = server_env(tmp_path / "data", IMAGE_API_KEY="fake-key", IMAGE_BASE_URL=base_url)
+        async with serve(env, tmp_path) as server, client(server) as stub:
+            resp = await stub.GenerateSequentialImages(
+                pb.GenerateSequentialImagesRequest(prompt="seasons [moderate:1]", max_images=3),
+                timeout=20,
+            )
+            assert [i.error.code for i in resp.images] == [
+                "",
+                "OutputImageSensitiveContentDetected",
+                "",
+            ]
+            assert resp.images[0].url.startswith(base_url)
+            health = await stub.HealthCheck(pb.HealthCheckRequest())
+            assert health.provider == "ark"
+            server.proc.send_signal(signal.SIGTERM)
+            assert await server.exit_code() == 0
+        fake.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(fake.wait(), 10) == 0
+    finally:
+        if fake.returncode is None:
+            fake.kill()
+            await fake.wait()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -113,3 +113,17 @@ def test_env_example_lists_every_setting() -> None:
     example = (Path(__file__).parent.parent / ".env.example").read_text()
     names = {line.split("=")[0].lstrip("# ") for line in example.splitlines() if "=" in line}
     assert {name.upper() for name in Settings.model_fields} <= names
+
+
+def test_openai_provider_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IMAGE_PROVIDER=openai brings its own base URL, model and size unless they are set."""
+    monkeypatch.setenv("IMAGE_PROVIDER", "openai")
+    monkeypatch.setenv("IMAGE_API_KEY", "sk-x")
+    s = load_settings()
+    assert (s.image_base_url, s.image_model, s.image_default_size) == (
+        "https://api.openai.com",
+        "gpt-image-1",
+        "1024x1024",
+    )
+    monkeypatch.setenv("IMAGE_MODEL", "dall-e-3")
+    assert load_settings().image_model == "dall-e-3"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sia.domain import ResponseFormat
 from sia.errors import InvalidArgument
-from sia.models import ARK_MODELS
+from sia.models import ARK_MODELS, ModelSpec
 from sia.validation import Defaults, validate_request
 
 DEFAULTS = Defaults(model="doubao-seedream-4-0-250828", size="2K", models=ARK_MODELS)
@@ -165,6 +165,18 @@ def test_sequential_defaults_and_limits() -> None:
     for bad in (0, 16, -1):
         assert "between 1 and 15" in violations(sequential=True, max_images=bad)["max_images"]
     assert "exceed 15" in violations(sequential=True, max_images=14, images=two_refs)["max_images"]
+
+
+def test_sequential_limit_follows_the_model() -> None:
+    """A model allowing 10 images per group defaults to 10 and rejects 11."""
+    small = ModelSpec(
+        id="ten", name="Ten", default_size="1024x1024", sequential=True, max_images=10
+    )
+    defaults = Defaults(model="ten", size="1024x1024", models={"ten": small})
+    assert validate_request(defaults, prompt="x", sequential=True).max_images == 10
+    assert validate_request(defaults, prompt="x", sequential=True, max_images=10).max_images == 10
+    with pytest.raises(InvalidArgument, match="between 1 and 10"):
+        validate_request(defaults, prompt="x", sequential=True, max_images=11)
 
 
 def test_sequential_needs_a_group_model() -> None:

@@ -27,7 +27,9 @@ from sia.health import Readiness
 from sia.http.server import HttpServer
 from sia.logs import get_logger
 from sia.metrics import Metrics
+from sia.providers.ark import ArkProvider
 from sia.providers.offline import OfflineProvider
+from sia.providers.openai import OpenAIProvider
 from sia.rpc.server import GrpcServer
 from sia.service import ImageService
 from sia.storage.local import LocalBlobStore
@@ -43,13 +45,29 @@ if TYPE_CHECKING:
 log = get_logger("sia.app")
 
 
-def build_provider(settings: Settings) -> ImageProvider:
-    """The provider that IMAGE_PROVIDER (or the presence of a key) selects."""
+def build_provider(settings: Settings, readiness: Readiness) -> ImageProvider:
+    """The provider that IMAGE_PROVIDER (or the presence of a key) selects.
+
+    HTTP providers report refused credentials to readiness, which keeps the
+    instance out of rotation until a later call succeeds.
+    """
     if settings.provider == "offline":
         return OfflineProvider(
             image_format=settings.offline_image_format, latency=settings.offline_latency
         )
-    raise ConfigError(f"IMAGE_PROVIDER: {settings.provider!r} is not available in this build")
+    assert settings.image_api_key is not None  # Settings requires a key for these providers
+
+    def on_health(problem: str | None) -> None:
+        readiness.report("provider", problem)
+
+    cls = ArkProvider if settings.provider == "ark" else OpenAIProvider
+    return cls(
+        settings.image_base_url,
+        settings.image_api_key.get_secret_value(),
+        max_retries=settings.image_max_retries,
+        max_connections=settings.image_max_connections,
+        on_health=on_health,
+    )
 
 
 class App:
@@ -88,7 +106,7 @@ class App:
         settings, stack = self.settings, self._stack
         self.store = LocalBlobStore(settings.data_dir / "images", settings.image_base_public_url)
         stack.push_async_callback(self.store.aclose)
-        self.provider = self._provider or build_provider(settings)
+        self.provider = self._provider or build_provider(settings, self.readiness)
         stack.push_async_callback(self.provider.aclose)
         self.tasks = SqliteTaskBackend(
             settings.data_dir / "tasks.db",

@@ -1,4 +1,4 @@
-"""The `sia` command: `sia serve` runs the service."""
+"""The `sia` command: `sia serve` runs the service, `sia fake-ark` a fake upstream."""
 
 from __future__ import annotations
 
@@ -47,11 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC and HTTP servers (settings from env)")
     serve.set_defaults(func=_serve)
+    # Listed for --help; main() hands its arguments to the fake's own parser.
+    commands.add_parser(
+        "fake-ark", help="run a fake Volcengine Ark API on loopback (`sia fake-ark --help`)"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sia` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake-ark"]:
+        from sia.testing import fake_ark  # noqa: PLC0415 - only this command needs it
+
+        fake_ark.main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -18,6 +18,16 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(ge=0)]
 
 
+#: Defaults that differ by provider, applied where the variable is not set.
+PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
+    "openai": {
+        "image_base_url": "https://api.openai.com",
+        "image_model": "gpt-image-1",
+        "image_default_size": "1024x1024",
+    },
+}
+
+
 class Settings(BaseSettings):
     """Every setting of the service; field `grpc_port` is variable GRPC_PORT."""
 
@@ -51,6 +61,7 @@ class Settings(BaseSettings):
     image_default_size: str = "2K"
     image_timeout: Annotated[float, Field(gt=0)] = 300.0
     image_max_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    image_max_connections: Annotated[int, Field(ge=1)] = 4096
 
     offline_latency: Seconds = 0.0
     offline_image_format: Literal["jpeg", "png"] = "jpeg"
@@ -88,6 +99,9 @@ class Settings(BaseSettings):
                 )
         elif self.image_provider in ("ark", "openai") and self.image_api_key is None:
             raise ValueError(f"IMAGE_API_KEY: required when IMAGE_PROVIDER={self.image_provider}")
+        for name, value in PROVIDER_DEFAULTS.get(self.provider, {}).items():
+            if name not in self.model_fields_set:
+                object.__setattr__(self, name, value)  # frozen model: set during validation only
         return self
 
     @property

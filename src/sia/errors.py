@@ -147,20 +147,23 @@ class QueueFull(ResourceExhausted):
         )
 
 
-class UpstreamRateLimited(ResourceExhausted):
+class Retryable:
+    """Mixin for provider failures that another attempt may fix.
+
+    `upstream_retry_after` is the provider's Retry-After in seconds, if it sent
+    one; `final` is set once retrying is no longer allowed (for example after
+    a streamed image has arrived).
+    """
+
+    upstream_retry_after: float | None = None
+    final: bool = False
+
+
+class UpstreamRateLimited(Retryable, ResourceExhausted):
     """The provider's rate limit was hit and retries did not get through."""
 
     reason = "UPSTREAM_RATE_LIMITED"
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retry_after: float | None = None,
-        metadata: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message, metadata=metadata)
-        self.retry_after = retry_after if retry_after is not None else 1.0
+    retry_after = 1.0
 
 
 class UpstreamQuotaExceeded(ResourceExhausted):
@@ -185,7 +188,7 @@ class ShuttingDown(Unavailable):
         super().__init__("the server is shutting down; retry on another instance")
 
 
-class UpstreamUnavailable(Unavailable):
+class UpstreamUnavailable(Retryable, Unavailable):
     """The provider failed (5xx, timeout, connection) and retries did not get through."""
 
     reason = "UPSTREAM_UNAVAILABLE"

@@ -63,7 +63,8 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
+        # No file given: each logger writes to sys.stdout as it is when the logger is made.
+        logger_factory=structlog.WriteLoggerFactory(),
         cache_logger_on_first_use=cache,
     )
 
@@ -77,8 +78,10 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else numeric)
-    # aiohttp's access log duplicates our own request metrics; keep it quiet.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # aiohttp's access log duplicates our access lines, and aiosqlite logs every
+    # statement at debug level: keep both quiet whatever LOG_LEVEL says.
+    for name in ("aiohttp.access", "aiosqlite"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _noop(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -29,7 +29,10 @@ MAX_GROUP_IMAGES = 15
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """The request rules of one model."""
+    """The request rules of one model.
+
+    `max_images` is the most images one sequential request may ask for.
+    """
 
     id: str
     name: str
@@ -45,6 +48,7 @@ class ModelSpec:
     seed: bool = False
     guidance_scale: bool = False
     only_sizes: frozenset[str] = field(default_factory=frozenset)
+    max_images: int = MAX_GROUP_IMAGES
 
     def check_size(self, size: str) -> str | None:
         """None when `size` is valid for this model, else what is wrong with it."""

@@ -110,10 +110,11 @@ def validate_request(
     if sequential:
         if spec is not None and not spec.sequential:
             bad("model", f"{spec.id} does not support sequential image generation")
+        limit = MAX_GROUP_IMAGES if spec is None else spec.max_images
         if max_images is None:
-            max_images = max(1, MAX_GROUP_IMAGES - len(images))
-        elif not 1 <= max_images <= MAX_GROUP_IMAGES:
-            bad("max_images", f"is {max_images}; must be between 1 and {MAX_GROUP_IMAGES}")
+            max_images = max(1, min(limit, MAX_GROUP_IMAGES - len(images)))
+        elif not 1 <= max_images <= limit:
+            bad("max_images", f"is {max_images}; must be between 1 and {limit}")
         elif len(images) + max_images > MAX_GROUP_IMAGES:
             bad(
                 "max_images",

@@ -871,7 +871,7 @@ async def run_fake_ark(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m sia.testing.fake_ark`: serve until Ctrl-C."""
-    parser = argparse.ArgumentParser(prog="python -m sia.testing.fake_ark", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sia fake-ark", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=18080)

@@ -1,0 +1,368 @@
+"""The `ark` provider: Volcengine Ark's image generation API (Seedream, SeedEdit).
+
+It follows shared/ark-api.md field by field:
+
+- one `POST {IMAGE_BASE_URL}/api/v3/images/generations` per attempt, with the
+  API key as a bearer token and our request id as `X-Client-Request-Id`;
+- `seed` and `guidance_scale` only for the models that take them, `watermark`
+  only when the caller set it, `image` as a string for one reference and a
+  list for several;
+- sequential groups use `stream: true` and are assembled from the
+  `partial_succeeded`, `partial_failed` and `completed` events, so one
+  moderated image does not cost the others (the official SDK stops there);
+- every documented error code maps to one class of the error tree; rate
+  limits and server errors are retried (never once a streamed image has
+  arrived), and credential errors mark the provider unfit for readiness until
+  a later call succeeds.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+import structlog
+
+from sia.domain import GeneratedImage, GenerationResult, ImageError, Usage
+from sia.errors import (
+    ProviderMisconfigured,
+    SiaError,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from sia.logs import get_logger
+from sia.models import ARK_MODELS, parse_dimensions
+from sia.providers.upstream import (
+    RetryPolicy,
+    SSEParser,
+    Upstream,
+    call_with_retries,
+    connection_failed,
+    parse_retry_after,
+    read_body,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from sia.domain import GenerationRequest
+    from sia.models import ModelSpec
+
+log = get_logger("sia.providers.ark")
+
+PATH = "/api/v3/images/generations"
+PROVIDER = "ark"
+
+#: 429 codes that mean a quota or spending limit, not a rate: retrying will not help.
+QUOTA_CODES = frozenset({"QuotaExceeded", "SetLimitExceeded"})
+#: 429 codes besides the `*RateLimitExceeded*` family; all are retried.
+RATE_CODES = frozenset({"RequestBurstTooFast", "ServerOverloaded"})
+#: Parts of the 400 codes that reject the content rather than a parameter.
+CONTENT_CODES = ("SensitiveContentDetected", "RiskDetection")
+#: Code prefixes of the 400s that reject a parameter.
+PARAMETER_CODES = ("MissingParameter", "InvalidParameter")
+#: HTTP statuses and codes that mean this server's own key, account or model was refused.
+MISCONFIGURED_STATUSES = frozenset({401, 403, 404})
+MISCONFIGURED_CODES = (
+    "AuthenticationError",
+    "AccountOverdueError",
+    "AccessDenied",
+    "OperationDenied",
+    "InvalidEndpointOrModel",
+    "ModelNotOpen",
+    "InvalidEndpoint.ClosedEndpoint",
+)
+#: Ark's parameter names, as the fields of our API that carry them.
+PARAM_FIELDS = {"image": "images", "sequential_image_generation_options": "max_images"}
+
+_REQUEST_ID_IN_MESSAGE = re.compile(r"request id:\s*([\w-]+)", re.IGNORECASE)
+
+
+class ArkProvider:
+    """ImageProvider for Volcengine Ark."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        max_retries: int = 3,
+        max_connections: int = 4096,
+        on_health: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self._upstream = Upstream(
+            base_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            max_connections=max_connections,
+            provider=PROVIDER,
+        )
+        self._policy = RetryPolicy(max_retries=max_retries)
+        self._on_health = on_health or (lambda _: None)
+
+    @property
+    def name(self) -> str:
+        """Short name shown in health answers and metrics."""
+        return PROVIDER
+
+    @property
+    def models(self) -> Mapping[str, ModelSpec]:
+        """Seedream 4.0, 4.5, 3.0 and SeedEdit 3.0."""
+        return ARK_MODELS
+
+    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        """Generate `request`, retrying transient failures until `timeout` runs out."""
+        body = orjson.dumps(request_body(request, self.models[request.model]))
+        headers = {"X-Client-Request-Id": _client_request_id()}
+
+        async def attempt() -> GenerationResult:
+            return await self._attempt(request, body, headers)
+
+        try:
+            result = await call_with_retries(
+                attempt, self._policy, deadline=time.monotonic() + timeout
+            )
+        except ProviderMisconfigured as exc:
+            self._on_health(exc.message)
+            raise
+        self._on_health(None)
+        return result
+
+    async def _attempt(
+        self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
+    ) -> GenerationResult:
+        async with self._upstream.post(PATH, body, headers) as resp:
+            if resp.status >= 400:
+                raise upstream_error(resp.status, await read_body(resp, PROVIDER), resp.headers)
+            if resp.content_type == "text/event-stream":
+                return await _read_stream(resp, request)
+            payload = _loads(await read_body(resp, PROVIDER), resp)
+        return parse_result(payload, request)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections; idempotent."""
+        await self._upstream.aclose()
+
+    def __repr__(self) -> str:
+        return f"ArkProvider(base_url={self._upstream.base_url!r})"
+
+
+def request_body(request: GenerationRequest, spec: ModelSpec) -> dict[str, Any]:
+    """The JSON body Ark expects for `request` (shared/ark-api.md section 1)."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "prompt": request.prompt,
+        "size": request.size,
+        "response_format": request.response_format.value,
+    }
+    if request.images:
+        body["image"] = request.images[0] if len(request.images) == 1 else list(request.images)
+    if request.watermark is not None:
+        body["watermark"] = request.watermark
+    if spec.seed and request.seed is not None:
+        body["seed"] = request.seed
+    if spec.guidance_scale and request.guidance_scale is not None:
+        body["guidance_scale"] = request.guidance_scale
+    if request.sequential:
+        body["sequential_image_generation"] = "auto"
+        body["sequential_image_generation_options"] = {"max_images": request.max_images}
+        body["stream"] = True
+    elif spec.sequential:
+        body["sequential_image_generation"] = "disabled"
+    return body
+
+
+def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> GenerationResult:
+    """The result of a non-streamed answer; a top-level error without images raises."""
+    items = payload.get("data") or []
+    if not items and isinstance(payload.get("error"), dict):
+        raise _from_error_body(200, payload["error"], "")
+    images = tuple(_image(index, item) for index, item in enumerate(items))
+    return GenerationResult(
+        model=str(payload.get("model") or request.model),
+        images=images,
+        usage=_usage(payload.get("usage"), images),
+    )
+
+
+async def _read_stream(
+    resp: aiohttp.ClientResponse, request: GenerationRequest
+) -> GenerationResult:
+    """Assemble a group from SSE events; errors after the first image are not retried."""
+    parser = SSEParser()
+    images: dict[int, GeneratedImage] = {}
+    usage: Mapping[str, Any] | None = None
+    model = request.model
+
+    def handle(data: str) -> bool:
+        """Apply one event's data; True when the stream is over."""
+        nonlocal usage, model
+        if data.strip() == "[DONE]":
+            return True
+        event = orjson.loads(data)
+        model = str(event.get("model") or model)
+        kind = event.get("type", "")
+        if kind.endswith(("partial_succeeded", "partial_failed")):
+            index = int(event.get("image_index", len(images)))
+            images[index] = _image(index, event)
+        elif kind.endswith("completed"):
+            usage = event.get("usage") or {}
+        elif isinstance(event.get("error"), dict):
+            if not images:
+                raise _from_error_body(500, event["error"], resp.headers.get("X-Request-Id", ""))
+            log.warning("ark_stream_error", images_received=len(images), error=event["error"])
+            return True  # keep the images already paid for; never retry a started group
+        return False
+
+    try:
+        done = False
+        async for chunk in resp.content.iter_any():
+            for event in parser.feed(chunk):
+                if event.data and handle(event.data):
+                    done = True
+            if done:
+                break
+        else:
+            for event in parser.close():
+                if event.data:
+                    handle(event.data)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if not images:
+            raise connection_failed(PROVIDER, exc) from exc
+        # The connection broke mid-group: keep what arrived rather than pay for it twice.
+        log.warning("ark_stream_broken", images_received=len(images), error=type(exc).__name__)
+    except orjson.JSONDecodeError as exc:
+        raise _bad_answer("a stream event is not JSON", images) from exc
+    if not images:
+        raise _bad_answer("the stream ended without images", images)
+    ordered = tuple(images[i] for i in sorted(images))
+    return GenerationResult(model=model, images=ordered, usage=_usage(usage, ordered))
+
+
+def _image(index: int, item: Mapping[str, Any]) -> GeneratedImage:
+    error = item.get("error")
+    if isinstance(error, dict):
+        return GeneratedImage(
+            index=index,
+            error=ImageError(str(error.get("code", "Unknown")), str(error.get("message", ""))),
+        )
+    size = str(item.get("size") or "")
+    if b64 := item.get("b64_json"):
+        try:
+            data = base64.b64decode(b64)
+        except (binascii.Error, ValueError):
+            return GeneratedImage(index=index, error=ImageError("InvalidImage", "bad base64"))
+        return GeneratedImage(index=index, data=data, size=size, content_type=_sniff(data))
+    return GeneratedImage(
+        index=index, url=str(item.get("url", "")), size=size, content_type="image/jpeg"
+    )
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "image/jpeg"  # Ark's output format
+
+
+def _usage(raw: Any, images: tuple[GeneratedImage, ...]) -> Usage:
+    """Usage as reported, or computed as Ark bills it (sum of w*h / 256) when missing."""
+    ok = [image for image in images if image.ok]
+    if isinstance(raw, dict) and "generated_images" in raw:
+        return Usage(int(raw.get("generated_images", 0)), int(raw.get("output_tokens", 0)))
+    pixels = sum(w * h for w, h in filter(None, (parse_dimensions(i.size) for i in ok)))
+    return Usage(len(ok), pixels // 256)
+
+
+def _loads(raw: bytes, resp: aiohttp.ClientResponse) -> Mapping[str, Any]:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise UpstreamUnavailable(
+            f"the ark provider answered HTTP {resp.status} with a body that is not a JSON object",
+            metadata={"provider": PROVIDER, "upstream_code": "BadResponse"},
+        )
+    return payload
+
+
+def _bad_answer(what: str, images: Mapping[int, GeneratedImage]) -> UpstreamUnavailable:
+    exc = UpstreamUnavailable(
+        f"the ark provider's answer was unusable: {what}",
+        metadata={"provider": PROVIDER, "upstream_code": "BadResponse"},
+    )
+    exc.final = bool(images)
+    return exc
+
+
+def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> SiaError:
+    """The error-tree exception for an Ark error answer (shared/ark-api.md section 4)."""
+    try:
+        body = orjson.loads(raw)
+        error = body.get("error") if isinstance(body, dict) else None
+    except orjson.JSONDecodeError:
+        error = None
+    if not isinstance(error, dict):
+        error = {"code": f"HTTP{status}", "message": raw[:200].decode("utf-8", "replace")}
+    exc = _from_error_body(status, error, headers.get("X-Request-Id", ""))
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if retry_after is not None and isinstance(exc, UpstreamRateLimited | UpstreamUnavailable):
+        exc.upstream_retry_after = retry_after
+        if isinstance(exc, UpstreamRateLimited):
+            exc.retry_after = max(retry_after, 0.001)
+    return exc
+
+
+def _from_error_body(status: int, error: Mapping[str, Any], request_id: str) -> SiaError:
+    """Classify by the error code first (the status is a fallback), as the spec's table does."""
+    code = str(error.get("code") or f"HTTP{status}")
+    message = str(error.get("message") or "").strip()
+    if not request_id and (found := _REQUEST_ID_IN_MESSAGE.search(message)):
+        request_id = found.group(1)
+    meta = {"provider": PROVIDER, "upstream_code": code, "upstream_request_id": request_id}
+    if code in QUOTA_CODES:
+        return UpstreamQuotaExceeded(
+            f"the ark account's quota or spending limit is used up ({code}): {message}",
+            metadata=meta,
+        )
+    if status == 429 or "RateLimitExceeded" in code or code in RATE_CODES:
+        return UpstreamRateLimited(
+            f"the ark provider is rate limiting this service ({code}); retry later",
+            metadata=meta,
+        )
+    if status in MISCONFIGURED_STATUSES or code.startswith(MISCONFIGURED_CODES):
+        return ProviderMisconfigured(
+            f"the server is misconfigured: the ark provider refused its credentials, account "
+            f"or model access ({code}); this is not a problem with your request",
+            metadata=meta,
+        )
+    if any(marker in code for marker in CONTENT_CODES):
+        field = "images" if code.startswith("InputImage") else "prompt"
+        return UpstreamRejected(
+            field, f"rejected by the provider's content check ({code}): {message}", metadata=meta
+        )
+    if status == 400 or code.startswith(PARAMETER_CODES):
+        param = str(error.get("param") or code.partition(".")[2] or "request")
+        return UpstreamRejected(
+            PARAM_FIELDS.get(param, param),
+            f"rejected by the provider ({code}): {message}",
+            metadata=meta,
+        )
+    return UpstreamUnavailable(
+        f"the ark provider failed (HTTP {status}, {code}); retry later", metadata=meta
+    )
+
+
+def _client_request_id() -> str:
+    """Our request or task id, so a call can be traced through the upstream."""
+    bound = structlog.contextvars.get_contextvars()
+    return str(bound.get("request_id") or bound.get("task_id") or uuid.uuid4().hex)

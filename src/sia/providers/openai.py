@@ -1,0 +1,334 @@
+"""The `openai` provider: OpenAI's Images API (gpt-image-1, gpt-image-1-mini, DALL-E).
+
+It follows shared/ark-api.md section 6:
+
+- one `POST {IMAGE_BASE_URL}/v1/images/generations` per attempt, with the API
+  key as a bearer token and our request id as `X-Client-Request-Id`;
+- a group is one call with `n` images (OpenAI has no model-chosen group size);
+- gpt-image models always answer in base64 and reject `response_format`, so it
+  is sent to DALL-E models only; `seed`, `guidance_scale` and `watermark` are
+  not OpenAI parameters and are never sent;
+- moderation and parameter errors are the caller's, credential, account and
+  model-access errors are this server's (readiness hears of them), quota
+  errors are final, and rate limits and server errors are retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from PIL import Image, UnidentifiedImageError
+
+from sia.domain import GeneratedImage, GenerationResult, ImageError, Usage
+from sia.errors import (
+    ProviderMisconfigured,
+    SiaError,
+    UpstreamQuotaExceeded,
+    UpstreamRateLimited,
+    UpstreamRejected,
+    UpstreamUnavailable,
+)
+from sia.logs import get_logger
+from sia.models import ModelSpec, parse_dimensions
+from sia.providers.upstream import (
+    RetryPolicy,
+    Upstream,
+    call_with_retries,
+    parse_retry_after,
+    read_body,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    import aiohttp
+
+    from sia.domain import GenerationRequest
+
+log = get_logger("sia.providers.openai")
+
+PATH = "/v1/images/generations"
+PROVIDER = "openai"
+#: What gpt-image models are asked for: lossless, and the API's own default.
+OUTPUT_FORMAT = "png"
+
+#: Error codes (or types) that mean the account's quota or billing limit is used up.
+QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+#: 400 codes that reject the prompt's content rather than a parameter.
+CONTENT_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
+#: OpenAI's parameter names, as the fields of our API that carry them.
+PARAM_FIELDS = {"n": "max_images"}
+
+_GPT_SIZES = {"1024x1024", "1536x1024", "1024x1536", "auto"}
+_EXTENSIONS = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+
+
+def _spec(model_id: str, name: str, sizes: set[str], *, sequential: bool = True) -> ModelSpec:
+    return ModelSpec(
+        id=model_id,
+        name=name,
+        default_size="1024x1024",
+        only_sizes=frozenset(sizes),
+        sequential=sequential,
+        max_images=10,  # the API's limit on `n`
+    )
+
+
+#: The OpenAI image models, by id.
+OPENAI_MODELS: Mapping[str, ModelSpec] = {
+    spec.id: spec
+    for spec in (
+        _spec("gpt-image-1", "GPT Image 1", _GPT_SIZES),
+        _spec("gpt-image-1-mini", "GPT Image 1 mini", _GPT_SIZES),
+        _spec("dall-e-3", "DALL-E 3", {"1024x1024", "1792x1024", "1024x1792"}, sequential=False),
+        _spec("dall-e-2", "DALL-E 2", {"256x256", "512x512", "1024x1024"}),
+    )
+}
+
+
+class OpenAIProvider:
+    """ImageProvider for OpenAI's Images API."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        max_retries: int = 3,
+        max_connections: int = 4096,
+        on_health: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self._upstream = Upstream(
+            base_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            max_connections=max_connections,
+            provider=PROVIDER,
+        )
+        self._secret = api_key
+        self._policy = RetryPolicy(max_retries=max_retries)
+        self._on_health = on_health or (lambda _: None)
+
+    @property
+    def name(self) -> str:
+        """Short name shown in health answers and metrics."""
+        return PROVIDER
+
+    @property
+    def models(self) -> Mapping[str, ModelSpec]:
+        """gpt-image-1, gpt-image-1-mini, dall-e-3 and dall-e-2."""
+        return OPENAI_MODELS
+
+    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        """Generate `request`, retrying transient failures until `timeout` runs out."""
+        body = orjson.dumps(request_body(request))
+        headers = {"X-Client-Request-Id": _client_request_id()}
+
+        async def attempt() -> GenerationResult:
+            return await self._attempt(request, body, headers)
+
+        try:
+            result = await call_with_retries(
+                attempt, self._policy, deadline=time.monotonic() + timeout
+            )
+        except ProviderMisconfigured as exc:
+            log.warning(
+                "openai_misconfigured",
+                upstream_code=exc.metadata.get("upstream_code", ""),
+                upstream_request_id=exc.metadata.get("upstream_request_id", ""),
+            )
+            self._on_health(exc.message)
+            raise
+        self._on_health(None)
+        return result
+
+    async def _attempt(
+        self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
+    ) -> GenerationResult:
+        async with self._upstream.post(PATH, body, headers) as resp:
+            raw = await read_body(resp, PROVIDER)
+        if resp.status >= 400:
+            raise upstream_error(resp.status, raw, resp.headers, secret=self._secret)
+        return parse_result(_loads(raw, resp), request)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections; idempotent."""
+        await self._upstream.aclose()
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(base_url={self._upstream.base_url!r})"
+
+
+def request_body(request: GenerationRequest) -> dict[str, Any]:
+    """The JSON body OpenAI expects for `request`."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "prompt": request.prompt,
+        "n": request.max_images if request.sequential else 1,
+        "size": request.size,
+    }
+    if request.model.startswith("gpt-image"):
+        body["output_format"] = OUTPUT_FORMAT
+    else:
+        body["response_format"] = request.response_format.value
+    return body
+
+
+def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> GenerationResult:
+    """The result of a successful answer."""
+    items = payload.get("data")
+    if not isinstance(items, list):
+        raise _bad_answer("it has no `data` list")
+    size = next(
+        (s for s in (str(payload.get("size") or ""), request.size) if parse_dimensions(s)), ""
+    )
+    images = tuple(_image(index, item, size) for index, item in enumerate(items))
+    usage = payload.get("usage")
+    tokens = usage.get("output_tokens") if isinstance(usage, dict) else None
+    return GenerationResult(
+        model=request.model,
+        images=images,
+        usage=Usage(
+            generated_images=sum(1 for image in images if image.ok),
+            output_tokens=tokens if isinstance(tokens, int) else 0,
+        ),
+    )
+
+
+def _image(index: int, item: Any, size: str) -> GeneratedImage:
+    if not isinstance(item, dict):
+        return GeneratedImage(index=index, error=ImageError("BadResponse", "not an object"))
+    if b64 := item.get("b64_json"):
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            return GeneratedImage(index=index, error=ImageError("BadResponse", "bad base64"))
+        return GeneratedImage(
+            index=index, data=data, size=size or image_size(data), content_type=sniff(data)
+        )
+    if url := item.get("url"):
+        url = str(url)
+        path = url.partition("?")[0].lower()
+        kind = next((t for ext, t in _EXTENSIONS.items() if path.endswith(ext)), "image/png")
+        return GeneratedImage(index=index, url=url, size=size, content_type=kind)
+    return GeneratedImage(index=index, error=ImageError("BadResponse", "no b64_json or url"))
+
+
+def sniff(data: bytes) -> str:
+    """The content type of image bytes by their magic number ("" when unknown)."""
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return ""
+
+
+def image_size(data: bytes) -> str:
+    """`WxH` read from the image header (Pillow decodes no pixels for this), or ""."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return ""
+    return f"{width}x{height}"
+
+
+def _loads(raw: bytes, resp: aiohttp.ClientResponse) -> Mapping[str, Any]:
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise _bad_answer(f"HTTP {resp.status} with a body that is not a JSON object")
+    return payload
+
+
+def _bad_answer(what: str) -> UpstreamUnavailable:
+    exc = UpstreamUnavailable(
+        f"the openai provider's answer was unusable: {what}",
+        metadata={"provider": PROVIDER, "upstream_code": "BadResponse", "upstream_request_id": ""},
+    )
+    exc.final = True  # the images may already be billed; do not pay for them twice
+    return exc
+
+
+def upstream_error(
+    status: int, raw: bytes, headers: Mapping[str, str], *, secret: str = ""
+) -> SiaError:
+    """The error-tree exception for an OpenAI error answer; `secret` is masked in messages."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        error = {"message": raw[:200].decode("utf-8", "replace")}
+    code = str(error.get("code") or "")
+    kind = str(error.get("type") or "")
+    message = str(error.get("message") or "").strip() or f"HTTP {status}"
+    if secret:  # an upstream message must never carry our key on to a client or a log
+        message = message.replace(secret, "***")
+    meta = {
+        "provider": PROVIDER,
+        "upstream_code": code or str(status),
+        "upstream_request_id": headers.get("x-request-id", ""),
+    }
+    if code in QUOTA_CODES or kind in QUOTA_CODES:
+        return UpstreamQuotaExceeded(
+            f"the openai account's quota or billing limit is used up ({code or kind}): {message}",
+            metadata=meta,
+        )
+    if status in (401, 403, 404):
+        what = "model access" if status == 404 else "credentials or account"
+        return ProviderMisconfigured(
+            f"the openai provider refused this server's {what}: {message} "
+            "(the server is misconfigured; not your request)",
+            metadata=meta,
+        )
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if status == 429:
+        exc = UpstreamRateLimited(
+            f"the openai provider is rate limiting this service ({code or status}); retry later",
+            metadata=meta,
+        )
+        exc.upstream_retry_after = retry_after
+        if retry_after is not None:
+            exc.retry_after = max(retry_after, 0.001)
+        return exc
+    if 400 <= status < 500 and status != 408:
+        if code in CONTENT_CODES:
+            return UpstreamRejected(
+                "prompt",
+                f"rejected by the provider's safety system ({code}): {message}",
+                metadata=meta,
+            )
+        param = str(error.get("param") or "prompt")
+        return UpstreamRejected(
+            PARAM_FIELDS.get(param, param),
+            f"rejected by the provider ({code or status}): {message}",
+            metadata=meta,
+        )
+    failed = UpstreamUnavailable(
+        f"the openai provider failed (HTTP {status}, {code or kind or 'no code'}); retry later",
+        metadata=meta,
+    )
+    failed.upstream_retry_after = retry_after
+    return failed
+
+
+def _client_request_id() -> str:
+    """Our request or task id, so a call can be traced through the upstream."""
+    bound = structlog.contextvars.get_contextvars()
+    value = str(bound.get("request_id") or bound.get("task_id") or "")
+    # OpenAI takes up to 512 printable ASCII characters; anything else gets a fresh id.
+    if value and len(value) <= 512 and value.isascii() and value.isprintable():
+        return value
+    return uuid.uuid4().hex
