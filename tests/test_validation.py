@@ -195,3 +195,13 @@ def test_all_problems_reported_together() -> None:
     """Several bad fields are reported in one error."""
     found = violations(prompt="", size="huge", images=["nope"])
     assert set(found) == {"prompt", "size", "images[0]"}
+
+
+def test_model_default_group_size() -> None:
+    """A model's default_max_images applies when max_images is unset (OpenAI's exact `n`)."""
+    spec = ModelSpec(
+        id="n", name="N", default_size="1024x1024", sequential=True, max_images=10,
+        default_max_images=4,
+    )  # fmt: skip
+    defaults = Defaults(model="n", size="1024x1024", models={"n": spec})
+    assert validate_request(defaults, prompt="x", sequential=True).max_images == 4

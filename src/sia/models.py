@@ -31,7 +31,9 @@ MAX_GROUP_IMAGES = 15
 class ModelSpec:
     """The request rules of one model.
 
-    `max_images` is the most images one sequential request may ask for.
+    `max_images` is the most images one sequential request may ask for;
+    `default_max_images` is what an unset `max_images` means (None: as many as
+    allowed, which suits Ark, where it is only a cap).
     """
 
     id: str
@@ -49,6 +51,7 @@ class ModelSpec:
     guidance_scale: bool = False
     only_sizes: frozenset[str] = field(default_factory=frozenset)
     max_images: int = MAX_GROUP_IMAGES
+    default_max_images: int | None = None
 
     def check_size(self, size: str) -> str | None:
         """None when `size` is valid for this model, else what is wrong with it."""

@@ -112,7 +112,12 @@ def validate_request(
             bad("model", f"{spec.id} does not support sequential image generation")
         limit = MAX_GROUP_IMAGES if spec is None else spec.max_images
         if max_images is None:
-            max_images = max(1, min(limit, MAX_GROUP_IMAGES - len(images)))
+            wanted = (
+                limit
+                if spec is None or spec.default_max_images is None
+                else spec.default_max_images
+            )
+            max_images = max(1, min(wanted, MAX_GROUP_IMAGES - len(images)))
         elif not 1 <= max_images <= limit:
             bad("max_images", f"is {max_images}; must be between 1 and {limit}")
         elif len(images) + max_images > MAX_GROUP_IMAGES:

@@ -9,11 +9,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import grpc.aio
 import orjson
 import pytest
 import structlog
 from PIL import Image
 
+from sia.api.image.v1 import image_service_pb2 as pb
+from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
+from sia.app import App
 from sia.domain import GenerationRequest, ResponseFormat
 from sia.errors import (
     ProviderMisconfigured,
@@ -39,6 +43,7 @@ from sia.testing.fake_openai import (
     FakeOpenAI,
     render,
 )
+from tests.helpers import MakeSettings
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -349,3 +354,31 @@ def test_catalogue() -> None:
     assert OPENAI_MODELS["gpt-image-1"].check_size("auto") is None
     assert OPENAI_MODELS["dall-e-2"].check_size("1024x1792") is not None
     assert GENERATIONS_PATH == "/v1/images/generations"
+
+
+async def test_openai_through_grpc(make_settings: MakeSettings) -> None:
+    """IMAGE_PROVIDER=openai serves GenerateSequentialImages through the real server as `n`."""
+    async with FakeOpenAI(api_key="sk-grpc-test") as fake:
+        settings = make_settings(
+            image_provider="openai",
+            image_api_key="sk-grpc-test",
+            image_base_url=fake.base_url,
+            image_model="gpt-image-1",
+            image_default_size="1024x1024",
+        )
+        async with (
+            App(settings) as app,
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{app.grpc_port}",
+                options=[("grpc.max_receive_message_length", 64 << 20)],
+            ) as channel,
+        ):
+            stub = pb_grpc.ImageServiceStub(channel)
+            resp = await stub.GenerateSequentialImages(
+                pb.GenerateSequentialImagesRequest(prompt="three foxes", max_images=3), timeout=20
+            )
+            assert len(resp.images) == 3
+            assert all(i.url.startswith("http://localhost:") for i in resp.images)
+            assert fake.requests[-1].body["n"] == 3  # type: ignore[index]
+            health = await stub.HealthCheck(pb.HealthCheckRequest())
+            assert health.provider == "openai"

@@ -78,6 +78,8 @@ def _spec(model_id: str, name: str, sizes: set[str], *, sequential: bool = True)
         only_sizes=frozenset(sizes),
         sequential=sequential,
         max_images=10,  # the API's limit on `n`
+        # `n` is an exact, billed count (Ark's max_images is only a cap): keep the default small.
+        default_max_images=4,
     )
 
 
