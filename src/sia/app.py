@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
     from sia.config import Settings
     from sia.providers.base import ImageProvider
+    from sia.storage.base import BlobStore
+    from sia.tasks.base import TaskBackend
 
 log = get_logger("sia.app")
 
@@ -68,6 +70,49 @@ def build_provider(settings: Settings, readiness: Readiness) -> ImageProvider:
         max_connections=settings.image_max_connections,
         on_health=on_health,
     )
+
+
+def build_tasks(settings: Settings, metrics: Metrics) -> TaskBackend:
+    """The task backend TASK_BACKEND selects."""
+    if settings.task_backend == "redis":
+        from sia.tasks.redis import RedisTaskBackend  # noqa: PLC0415 - saq loads only when used
+
+        return RedisTaskBackend(
+            settings.redis_url.get_secret_value(),
+            queue=settings.redis_queue,
+            workers=settings.task_workers,
+            queue_limit=settings.task_queue_limit,
+            retention=settings.task_retention,
+            job_timeout=settings.image_timeout + 30,
+            heartbeat=settings.task_heartbeat,
+            max_attempts=settings.task_max_attempts,
+            metrics=metrics,
+        )
+    return SqliteTaskBackend(
+        settings.data_dir / "tasks.db",
+        workers=settings.task_workers,
+        queue_limit=settings.task_queue_limit,
+        metrics=metrics,
+    )
+
+
+def build_store(settings: Settings) -> BlobStore:
+    """The blob store BLOB_STORE selects."""
+    if settings.blob_store == "s3":
+        from sia.storage.s3 import S3BlobStore  # noqa: PLC0415 - the S3 client loads only when used
+
+        secret = settings.s3_secret_access_key
+        return S3BlobStore(
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            endpoint_url=settings.s3_endpoint_url or None,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id or None,
+            secret_access_key=secret.get_secret_value() if secret else None,
+            url_expiry=settings.task_retention,
+            public_base_url=settings.s3_public_url or None,
+        )
+    return LocalBlobStore(settings.data_dir / "images", settings.image_base_public_url)
 
 
 class App:
@@ -104,15 +149,11 @@ class App:
 
     async def _start(self) -> None:
         settings, stack = self.settings, self._stack
-        self.store = LocalBlobStore(settings.data_dir / "images", settings.image_base_public_url)
+        self.store = build_store(settings)
         stack.push_async_callback(self.store.aclose)
         self.provider = self._provider or build_provider(settings, self.readiness)
         stack.push_async_callback(self.provider.aclose)
-        self.tasks = SqliteTaskBackend(
-            settings.data_dir / "tasks.db",
-            workers=settings.task_workers,
-            queue_limit=settings.task_queue_limit,
-        )
+        self.tasks = build_tasks(settings, self.metrics)
         stack.push_async_callback(self.tasks.aclose)
         self.service = ImageService(
             settings,
@@ -133,7 +174,8 @@ class App:
         self.http = HttpServer(settings, self.service)
         await self.http.start()
         stack.push_async_callback(self.http.stop)
-        if not settings.public_url:  # link to the port actually bound (HTTP_PORT may be 0)
+        if isinstance(self.store, LocalBlobStore) and not settings.public_url:
+            # link to the port actually bound (HTTP_PORT may be 0)
             self.store.base_url = f"http://localhost:{self.http.port}"
 
         sweeper = asyncio.create_task(self._sweep_forever(), name="sia-retention-sweeper")

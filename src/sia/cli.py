@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from typing import TYPE_CHECKING, Any
 
 from sia import __version__
 from sia.config import load_settings
 from sia.errors import ConfigError
 from sia.logs import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
 
 log = get_logger("sia.cli")
 
@@ -29,7 +33,7 @@ def _serve(_: argparse.Namespace) -> int:
             message="no IMAGE_API_KEY set: images are rendered locally by the offline provider",
         )
     try:
-        asyncio.run(serve(settings))
+        run(serve(settings))
     except ConfigError as exc:
         log.error("startup_failed", error=exc.message)
         print(f"sia: configuration error: {exc.message}", file=sys.stderr)
@@ -38,6 +42,21 @@ def _serve(_: argparse.Namespace) -> int:
         log.error("startup_failed", error=str(exc))
         return 1
     return 0
+
+
+def run(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` to completion on uvloop, or on asyncio's own loop where uvloop is missing.
+
+    uvloop takes about a third less CPU per call off the event loop, which
+    runs the gRPC handlers and the upstream client alike (see bench/).
+    """
+    try:
+        import uvloop  # noqa: PLC0415 - optional: not built for every platform
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def build_parser() -> argparse.ArgumentParser:

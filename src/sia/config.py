@@ -67,22 +67,45 @@ class Settings(BaseSettings):
     offline_image_format: Literal["jpeg", "png"] = "jpeg"
 
     data_dir: Path = Path("data")
+    task_backend: Literal["sqlite", "redis"] = "sqlite"
     task_workers: Annotated[int, Field(ge=1, le=1024)] = 4
     task_queue_limit: Annotated[int, Field(ge=1)] = 1000
     task_retention: Annotated[float, Field(gt=0)] = 86400.0
+    task_max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    task_heartbeat: Annotated[float, Field(ge=1)] = 20.0
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    redis_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "sia"
     shutdown_grace: Seconds = 30.0
 
-    @field_validator("log_level", "log_format", "app_environment", "image_provider", mode="before")
+    blob_store: Literal["local", "s3"] = "local"
+    store_results: bool = False
+    s3_bucket: str = ""
+    s3_prefix: str = "sia/"
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr | None = None
+    s3_public_url: str = ""
+
+    @field_validator(
+        "log_level",
+        "log_format",
+        "app_environment",
+        "image_provider",
+        "task_backend",
+        "blob_store",
+        mode="before",
+    )
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("image_api_key", mode="before")
+    @field_validator("image_api_key", "s3_secret_access_key", mode="before")
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("public_url", "image_base_url")
+    @field_validator("public_url", "image_base_url", "s3_endpoint_url", "s3_public_url")
     @classmethod
     def _no_trailing_slash(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
@@ -99,6 +122,8 @@ class Settings(BaseSettings):
                 )
         elif self.image_provider in ("ark", "openai") and self.image_api_key is None:
             raise ValueError(f"IMAGE_API_KEY: required when IMAGE_PROVIDER={self.image_provider}")
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise ValueError("S3_BUCKET: required when BLOB_STORE=s3")
         for name, value in PROVIDER_DEFAULTS.get(self.provider, {}).items():
             if name not in self.model_fields_set:
                 object.__setattr__(self, name, value)  # frozen model: set during validation only

@@ -78,9 +78,9 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(max(numeric, logging.INFO) if numeric > logging.DEBUG else numeric)
-    # aiohttp's access log duplicates our access lines, and aiosqlite logs every
-    # statement at debug level: keep both quiet whatever LOG_LEVEL says.
-    for name in ("aiohttp.access", "aiosqlite"):
+    # aiohttp's access log duplicates our access lines, aiosqlite logs every
+    # statement and saq every job: keep them quiet whatever LOG_LEVEL says.
+    for name in ("aiohttp.access", "aiosqlite", "saq"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

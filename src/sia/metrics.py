@@ -20,7 +20,7 @@ from prometheus_client import (
 from sia.domain import TaskStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from sia.tasks.base import TaskStats
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
@@ -69,6 +69,30 @@ class Metrics:
         self.tasks = Gauge(
             "sia_tasks", "Stored async tasks, by status.", ("backend", "status"), registry=r
         )
+        self.task_queue_depth = Gauge(
+            "sia_task_queue_depth", "Tasks waiting for a worker.", ("backend",), registry=r
+        )
+        self.task_oldest_queued = Gauge(
+            "sia_task_oldest_queued_seconds",
+            "Age of the oldest task still waiting for a worker (0 when none waits).",
+            ("backend",),
+            registry=r,
+        )
+        self.tasks_running = Gauge(
+            "sia_tasks_running", "Tasks being run right now.", ("backend",), registry=r
+        )
+        self.task_retries = Counter(
+            "sia_task_retries_total",
+            "Task attempts that failed transiently and were queued again.",
+            ("backend",),
+            registry=r,
+        )
+        self.task_outcomes = Counter(
+            "sia_task_outcomes_total",
+            "Tasks that finished, by outcome (succeeded, failed, cancelled).",
+            ("backend", "outcome"),
+            registry=r,
+        )
         self.upstream_seconds = Histogram(
             "sia_upstream_request_seconds",
             "Time the provider took to answer a generation.",
@@ -89,10 +113,13 @@ class Metrics:
             registry=r,
         )
 
-    def set_task_counts(self, backend: str, counts: Mapping[TaskStatus, int]) -> None:
-        """Publish the task backend's counts by status."""
-        for status in TaskStatus:
-            self.tasks.labels(backend, status.value).set(counts.get(status, 0))
+    def set_task_stats(self, backend: str, stats: TaskStats) -> None:
+        """Publish a task backend's counts by status and its queue's depth and age."""
+        for status, count in stats.counts.items():
+            self.tasks.labels(backend, status.value).set(count)
+        self.task_queue_depth.labels(backend).set(stats.counts.get(TaskStatus.QUEUED, 0))
+        self.tasks_running.labels(backend).set(stats.counts.get(TaskStatus.RUNNING, 0))
+        self.task_oldest_queued.labels(backend).set(stats.oldest_queued_seconds)
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

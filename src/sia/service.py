@@ -39,6 +39,11 @@ log = get_logger("sia.service")
 _EXPIRED = ImageError("IMAGE_EXPIRED", "the stored image has expired")
 
 
+def _as_bytes(request: GenerationRequest) -> GenerationRequest:
+    """The same request, asking the provider for image bytes instead of its URLs."""
+    return dataclasses.replace(request, response_format=ResponseFormat.B64_JSON)
+
+
 class ImageService:
     """Generates images now or as tasks, and keeps stored results tidy."""
 
@@ -69,17 +74,24 @@ class ImageService:
     ) -> GenerationResult:
         """Generate now, within IMAGE_TIMEOUT and the caller's `timeout` if sooner.
 
-        Images the provider returns as bytes are stored when the caller asked
-        for URLs, so the URL points at this service.
+        For URL results, images the provider returns as bytes are stored so the
+        URL points at this service; with STORE_RESULTS every image is fetched
+        as bytes and stored, so its URL outlives the provider's.
         """
-        result = await self._call_provider(request, timeout)
-        if request.response_format is ResponseFormat.URL:
-            result = await self._store_bytes(result)
-        return result
+        store = request.response_format is ResponseFormat.URL
+        if store and self.settings.store_results:
+            result = await self._call_provider(_as_bytes(request), timeout)
+        else:
+            result = await self._call_provider(request, timeout)
+        return await self._store_bytes(result) if store else result
 
     async def run_task(self, task: Task) -> GenerationResult:
-        """Task runner: generate, then keep every image in the blob store."""
-        result = await self._call_provider(task.request, None)
+        """Task runner: generate as bytes and keep every image in the blob store.
+
+        Task results must outlive the provider's URLs (Ark's expire after 24 h),
+        so tasks always ask the provider for the image bytes.
+        """
+        result = await self._call_provider(_as_bytes(task.request), None)
         return await self._store_bytes(result)
 
     async def submit(self, request: GenerationRequest) -> Task:
@@ -102,9 +114,9 @@ class ImageService:
         """True when this instance should receive traffic."""
         return self.readiness.serving and await self.tasks.ready()
 
-    async def publish_task_counts(self) -> None:
+    async def publish_task_stats(self) -> None:
         """Refresh the task gauges from the backend (called on each scrape)."""
-        self.metrics.set_task_counts(self.tasks.name, await self.tasks.counts())
+        self.metrics.set_task_stats(self.tasks.name, await self.tasks.stats())
 
     async def sweep(self) -> None:
         """Delete tasks and stored images older than the retention period."""

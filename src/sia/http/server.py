@@ -73,7 +73,7 @@ class HttpServer:
 
     async def metrics(self, _: web.Request) -> web.Response:
         """Prometheus scrape."""
-        await self.service.publish_task_counts()
+        await self.service.publish_task_stats()
         return web.Response(
             body=self.service.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, TypeAlias
 
-from sia.domain import GenerationResult, Task
+from sia.domain import GenerationResult, Task, TaskStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from datetime import datetime
 
-    from sia.domain import GenerationRequest, TaskStatus
+    from sia.domain import GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStats:
+    """What the metrics need from a backend: counts by status and the queue's age.
+
+    A backend that cannot count finished tasks cheaply (Redis keeps them only
+    as expiring keys) reports only the unfinished statuses.
+    """
+
+    counts: Mapping[TaskStatus, int]
+    oldest_queued_seconds: float = 0.0
+
 
 #: Runs one task to completion and returns its result, with every image already
 #: in the blob store; raises sia.errors.SiaError for a failure the task reports.
@@ -55,8 +68,8 @@ class TaskBackend(Protocol):
         """
         ...
 
-    async def counts(self) -> Mapping[TaskStatus, int]:
-        """How many stored tasks are in each status."""
+    async def stats(self) -> TaskStats:
+        """Counts by status and the age of the oldest queued task."""
         ...
 
     async def purge(self, finished_before: datetime) -> int:

@@ -31,6 +31,7 @@ from sia.errors import (
     Unavailable,
 )
 from sia.logs import get_logger
+from sia.tasks.base import TaskStats
 from sia.tasks.codec import (
     from_iso,
     request_from_json,
@@ -41,11 +42,12 @@ from sia.tasks.codec import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Mapping
+    from collections.abc import Iterable, Iterator
     from datetime import datetime
     from pathlib import Path
 
     from sia.domain import GenerationRequest
+    from sia.metrics import Metrics
     from sia.tasks.base import Runner
 
 log = get_logger(__name__)
@@ -104,10 +106,18 @@ _UNWIND_SECONDS = 5.0
 class SqliteTaskBackend:
     """A TaskBackend on one SQLite file, with `workers` tasks running at once."""
 
-    def __init__(self, path: Path, *, workers: int = 4, queue_limit: int = 1000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        workers: int = 4,
+        queue_limit: int = 1000,
+        metrics: Metrics | None = None,
+    ) -> None:
         if workers < 1 or queue_limit < 1:
             raise ValueError("workers and queue_limit must be at least 1")
         self.path = path
+        self._metrics = metrics
         self.workers = workers
         self.queue_limit = queue_limit
         self._db: aiosqlite.Connection | None = None
@@ -210,21 +220,28 @@ class SqliteTaskBackend:
         if row is None:
             task = await self.get(task_id)
             raise TaskNotCancellable(task_id, task.status.value)
+        self._count_outcome(TaskStatus.CANCELLED)
         if job := self._running.get(task_id):
             self._client_cancelled.add(task_id)
             job.cancel()
         return _task_from_row(row)
 
-    async def counts(self) -> Mapping[TaskStatus, int]:
-        """How many tasks are in each status, zeros included."""
+    async def stats(self) -> TaskStats:
+        """How many tasks are in each status (zeros included) and the oldest queued one's age."""
         counts = dict.fromkeys(TaskStatus, 0)
         with _store_errors():
             rows = await self._conn.execute_fetchall(
                 "SELECT status, count(*) FROM tasks GROUP BY status"
             )
+            oldest = await self._fetch_one(
+                "SELECT min(created_at) FROM tasks WHERE status = 'queued'", ()
+            )
         for status, count in rows:
             counts[TaskStatus(status)] = count
-        return counts
+        age = 0.0
+        if oldest is not None and oldest[0] is not None:
+            age = max(0.0, (utcnow() - from_iso(oldest[0])).total_seconds())
+        return TaskStats(counts, age)
 
     async def purge(self, finished_before: datetime) -> int:
         """Delete finished tasks whose finished_at is before `finished_before`."""
@@ -347,7 +364,12 @@ class SqliteTaskBackend:
     ) -> None:
         now = to_iso(utcnow())
         code, message = (error.code, error.message) if error else (None, None)
-        await self._execute(_FINISH, (status.value, result, code, message, now, now, task_id))
+        if await self._execute(_FINISH, (status.value, result, code, message, now, now, task_id)):
+            self._count_outcome(status)
+
+    def _count_outcome(self, status: TaskStatus) -> None:
+        if self._metrics is not None:
+            self._metrics.task_outcomes.labels(self.name, status.value).inc()
 
     async def _requeue(self, task_id: str) -> None:
         await self._execute(_REQUEUE_ONE, (to_iso(utcnow()), task_id))

@@ -1,0 +1,380 @@
+"""The task-backend contract, run against every backend: SQLite and Redis (saq).
+
+The Redis runs use the real Redis on 127.0.0.1:6379, each test on its own queue
+name, whose keys are deleted afterwards. With CI=true an unreachable Redis
+fails these tests instead of skipping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from redis import asyncio as aioredis
+from structlog.testing import capture_logs
+
+from sia.domain import (
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    ImageError,
+    ResponseFormat,
+    Task,
+    TaskStatus,
+    Usage,
+)
+from sia.errors import QueueFull, ShuttingDown, TaskNotCancellable, TaskNotFound, Unavailable
+from sia.tasks.base import TaskBackend
+from sia.tasks.redis import RedisTaskBackend
+from sia.tasks.sqlite import SqliteTaskBackend
+from tests.tasks.backend_helpers import (
+    GatedRunner,
+    Make,
+    make_request,
+    make_result,
+    quick,
+    started,
+    wait_status,
+)
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+async def require_redis() -> None:
+    """Skip when Redis is unreachable, or fail under CI=true."""
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.ping()  # type: ignore[misc]
+    except Exception as exc:
+        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message + "; CI requires it")
+        pytest.skip(message)
+    finally:
+        await client.aclose()
+
+
+async def delete_queue_keys(queue: str) -> None:
+    """Delete every key saq and the backend made for `queue`."""
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        for pattern in (f"saq:{queue}:*", f"saq:job:{queue}:*", "saq:abort:*", f"sia:{queue}:*"):
+            keys = [key async for key in client.scan_iter(match=pattern, count=500)]
+            if keys and pattern != "saq:abort:*":
+                await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backends(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
+    """A factory of backends of one kind, all on the same store for this test."""
+    kind: str = request.param
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    if kind == "redis":
+        await require_redis()
+    made: list[TaskBackend] = []
+
+    def make(**kwargs: int) -> TaskBackend:
+        backend: TaskBackend
+        if kind == "redis":
+            backend = RedisTaskBackend(REDIS_URL, queue=queue, heartbeat=2, **kwargs)  # type: ignore[arg-type]
+        else:
+            backend = SqliteTaskBackend(tmp_path / "db" / "tasks.sqlite3", **kwargs)  # type: ignore[arg-type]
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.aclose()
+    if kind == "redis":
+        await delete_queue_keys(queue)
+
+
+async def test_submit_runs_task_and_round_trips_everything(
+    backends: Make,
+) -> None:
+    """A submitted task is QUEUED, then SUCCEEDED with its request and result intact."""
+    request = GenerationRequest(
+        prompt="a lighthouse",
+        model="seedream-4",
+        size="2048x2048",
+        response_format=ResponseFormat.B64_JSON,
+        watermark=False,
+        images=("https://example.test/a.png", "data:image/png;base64,AAAA"),
+        seed=42,
+        guidance_scale=2.5,
+        max_images=3,
+        request_id="req-1",
+    )
+    result = GenerationResult(
+        model="seedream-4",
+        images=(
+            GeneratedImage(index=0, url="https://cdn.test/0", size="2048x2048"),
+            GeneratedImage(index=1, blob_key="abc.png", content_type="image/png", size="1x1"),
+            GeneratedImage(index=2, error=ImageError("CONTENT_FILTERED", "blocked")),
+        ),
+        usage=Usage(generated_images=2, output_tokens=8192),
+        created_at=datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+    )
+    seen: list[dict[str, object]] = []
+
+    async def runner(task: Task) -> GenerationResult:
+        seen.append(structlog.contextvars.get_contextvars())
+        return result
+
+    backend = await started(backends, runner)
+    task = await backend.submit(request)
+    assert task.status is TaskStatus.QUEUED
+    assert task.request == request
+    assert task.created_at.tzinfo is not None
+    assert task.attempts == 0
+
+    done = await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
+    assert done.result == result
+    assert done.request == request
+    assert done.error is None
+    assert done.attempts == 1
+    assert done.created_at == task.created_at
+    assert done.finished_at is not None
+    assert done.finished_at.utcoffset() == timedelta(0)
+    assert done.finished_at >= done.created_at
+    assert seen == [{"task_id": task.id}]
+
+
+async def test_runner_sia_error_fails_task_with_its_code(
+    backends: Make,
+) -> None:
+    """A runner raising a SiaError leaves the task FAILED with that reason and message."""
+
+    async def runner(task: Task) -> GenerationResult:
+        raise Unavailable("upstream is down")
+
+    backend = await started(backends, runner)
+    task = await backend.submit(make_request())
+    failed = await wait_status(backend, task.id, TaskStatus.FAILED)
+    assert failed.error == ImageError("UNAVAILABLE", "upstream is down")
+    assert failed.result is None
+    assert failed.finished_at is not None
+
+
+async def test_unexpected_exception_fails_task_as_internal_and_logs(
+    backends: Make,
+) -> None:
+    """Any other exception becomes FAILED INTERNAL, with the traceback logged."""
+
+    async def runner(task: Task) -> GenerationResult:
+        raise ZeroDivisionError("boom")
+
+    backend = await started(backends, runner)
+    with capture_logs() as logs:
+        task = await backend.submit(make_request())
+        failed = await wait_status(backend, task.id, TaskStatus.FAILED)
+    assert failed.error == ImageError("INTERNAL", "internal error")
+    [entry] = [e for e in logs if e["event"] == "task_failed"]
+    assert isinstance(entry["exc_info"], ZeroDivisionError)
+
+
+async def test_result_with_image_bytes_is_refused(
+    backends: Make,
+) -> None:
+    """A result that still carries image bytes is never stored; the task fails INTERNAL."""
+
+    async def runner(task: Task) -> GenerationResult:
+        return GenerationResult("m-1", (GeneratedImage(index=0, data=b"\xff\xd8"),), Usage())
+
+    backend = await started(backends, runner)
+    with capture_logs():
+        task = await backend.submit(make_request())
+        failed = await wait_status(backend, task.id, TaskStatus.FAILED)
+    assert failed.error == ImageError("INTERNAL", "internal error")
+
+
+async def test_same_request_id_returns_the_same_task(
+    backends: Make,
+) -> None:
+    """Submitting a request_id again returns the existing task, even after it finished."""
+    backend = await started(backends, quick)
+    first = await backend.submit(make_request(request_id="r-1"))
+    again = await backend.submit(make_request(prompt="different", request_id="r-1"))
+    assert again.id == first.id
+    await wait_status(backend, first.id, TaskStatus.SUCCEEDED)
+    after = await backend.submit(make_request(request_id="r-1"))
+    assert after.id == first.id
+    assert after.status is TaskStatus.SUCCEEDED
+    other = await backend.submit(make_request())
+    assert other.id != first.id
+
+
+async def test_concurrent_submits_with_one_request_id_make_one_task(
+    backends: Make,
+) -> None:
+    """Concurrent submits sharing a request_id all get the same single task."""
+    runner = GatedRunner()
+    backend = await started(backends, runner)
+    tasks = await asyncio.gather(
+        *(backend.submit(make_request(request_id="dup")) for _ in range(20))
+    )
+    assert len({task.id for task in tasks}) == 1
+
+
+async def test_queue_full_raises(backends: Make) -> None:
+    """Once queued plus running tasks reach queue_limit, submit raises QueueFull."""
+    runner = GatedRunner()
+    backend = await started(backends, runner, workers=1, queue_limit=2)
+    first = await backend.submit(make_request(request_id="a"))
+    await backend.submit(make_request())
+    await runner.started.wait()
+    with pytest.raises(QueueFull) as caught:
+        await backend.submit(make_request())
+    assert caught.value.metadata == {"limit": "2"}
+    assert (await backend.submit(make_request(request_id="a"))).id == first.id
+    runner.release.set()
+    await wait_status(backend, first.id, TaskStatus.SUCCEEDED)
+    await backend.submit(make_request())
+
+
+async def test_cancel_queued_task(backends: Make) -> None:
+    """A queued task is cancelled at once and never runs."""
+    runner = GatedRunner()
+    backend = await started(backends, runner, workers=1)
+    busy = await backend.submit(make_request())
+    await runner.started.wait()
+    waiting = await backend.submit(make_request())
+
+    cancelled = await backend.cancel(waiting.id)
+    assert cancelled.status is TaskStatus.CANCELLED
+    assert cancelled.error == ImageError("CANCELLED", "cancelled by the client")
+    assert cancelled.finished_at is not None
+    assert await backend.get(waiting.id) == cancelled
+
+    runner.release.set()
+    await wait_status(backend, busy.id, TaskStatus.SUCCEEDED)
+    assert runner.calls == [busy.id]
+
+
+async def test_cancel_running_task(backends: Make) -> None:
+    """Cancelling a running task cancels its runner, and the task stays CANCELLED."""
+    runner = GatedRunner()
+    backend = await started(backends, runner)
+    task = await backend.submit(make_request())
+    await runner.started.wait()
+    assert (await backend.get(task.id)).status is TaskStatus.RUNNING
+
+    cancelled = await backend.cancel(task.id)
+    assert cancelled.status is TaskStatus.CANCELLED
+    await asyncio.wait_for(runner.any_cancelled.wait(), 5)
+    assert runner.cancelled == [task.id]
+    await asyncio.sleep(0.1)
+    stored = await backend.get(task.id)
+    assert stored.status is TaskStatus.CANCELLED
+    assert stored.result is None
+
+
+async def test_cancel_finished_or_unknown_task(
+    backends: Make,
+) -> None:
+    """Cancelling a finished task raises TaskNotCancellable; an unknown one, TaskNotFound."""
+    backend = await started(backends, quick)
+    task = await backend.submit(make_request())
+    await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
+    with pytest.raises(TaskNotCancellable) as caught:
+        await backend.cancel(task.id)
+    assert caught.value.metadata == {"task_id": task.id, "status": "succeeded"}
+    with pytest.raises(TaskNotFound):
+        await backend.cancel("task_nope")
+
+
+async def test_get_unknown_task(backends: Make) -> None:
+    """Getting an id nobody stored raises TaskNotFound."""
+    backend = await started(backends, quick)
+    with pytest.raises(TaskNotFound):
+        await backend.get("task_missing")
+
+
+async def test_concurrency_is_bounded_by_workers(
+    backends: Make,
+) -> None:
+    """With two workers, no more than two of five tasks ever run at once."""
+    running = 0
+    peak = 0
+
+    async def runner(task: Task) -> GenerationResult:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return make_result(task)
+
+    backend = await started(backends, runner, workers=2)
+    tasks = [await backend.submit(make_request()) for _ in range(5)]
+    for task in tasks:
+        await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
+    assert peak == 2
+
+
+async def test_drained_tasks_run_again_after_restart(
+    backends: Make,
+) -> None:
+    """A task interrupted by drain goes back to QUEUED and completes in the next process."""
+    runner = GatedRunner()
+    first = await started(backends, runner, workers=1)
+    tasks = [await first.submit(make_request()) for _ in range(3)]
+    await runner.started.wait()
+    await first.drain(0.1)
+    assert runner.cancelled == [tasks[0].id]
+    assert {(await first.get(t.id)).status for t in tasks} == {TaskStatus.QUEUED}
+    await first.aclose()
+
+    second = await started(backends, quick)
+    for task in tasks:
+        await wait_status(second, task.id, TaskStatus.SUCCEEDED)
+    assert (await second.get(tasks[0].id)).attempts == 2
+    assert (await second.get(tasks[1].id)).attempts == 1
+
+
+async def test_drain_grace_lets_short_tasks_finish(
+    backends: Make,
+) -> None:
+    """A task that ends within the grace period is stored SUCCEEDED, and drain returns early."""
+    started_event = asyncio.Event()
+
+    async def runner(task: Task) -> GenerationResult:
+        started_event.set()
+        await asyncio.sleep(0.1)
+        return make_result(task)
+
+    backend = await started(backends, runner)
+    task = await backend.submit(make_request())
+    await started_event.wait()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await backend.drain(10)
+    assert loop.time() - began < 5
+    assert (await backend.get(task.id)).status is TaskStatus.SUCCEEDED
+
+
+async def test_submit_after_drain_is_refused(backends: Make) -> None:
+    """Once drain has begun, submit raises ShuttingDown."""
+    backend = await started(backends, quick)
+    await backend.drain(0)
+    with pytest.raises(ShuttingDown):
+        await backend.submit(make_request())
+
+
+async def test_ready_follows_the_database(backends: Make) -> None:
+    """ready is False before start and after close, True in between; aclose is idempotent."""
+    backend = backends()
+    assert not await backend.ready()
+    await backend.start(quick)
+    assert await backend.ready()
+    await backend.aclose()
+    await backend.aclose()
+    assert not await backend.ready()
