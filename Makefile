@@ -49,6 +49,7 @@ build: $(VENV)/.dev ## Build the sdist and wheel into dist/
 
 test: install-dev ## Lint, then run every test
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory check-deploy
 	$(BIN)/pytest
 
 test-coverage: install-dev ## Run every test with a coverage report
@@ -63,11 +64,38 @@ lint: $(VENV)/.dev ## ruff, ruff format --check and mypy --strict
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
-docker-build: ## Build the container image (needs the Dockerfile; not written yet)
-	@echo "docker-build: there is no Dockerfile yet; it comes with the deployment issue." >&2; exit 1
+docker-build: ## Build the container image (IMAGE, default sia:latest)
+	docker build -t $(IMAGE) .
 
-docker-run: ## Run the container image (needs the Dockerfile; not written yet)
-	@echo "docker-run: there is no Dockerfile yet; it comes with the deployment issue." >&2; exit 1
+docker-run: ## Run the image on :8080 (gRPC) and :9090 (HTTP) with the settings in .env
+	@test -f .env || { echo "docker-run: no .env here; start from .env.example: cp .env.example .env" >&2; exit 1; }
+	docker run --rm --stop-timeout 45 -p 8080:8080 -p 9090:9090 --env-file .env $(IMAGE)
+
+# The deployment files, checked with no Docker engine and no cluster. hadolint
+# and kubernetes-validate come from the dev extra; docker-compose and promtool
+# from Debian, installed by scripts/install-deploy-tools.sh where missing.
+COMPOSE = $(shell command -v docker-compose >/dev/null 2>&1 && echo docker-compose || echo docker compose)
+PROMTOOL = $(shell command -v promtool 2>/dev/null || echo $(BIN)/promtool)
+K8S_MANIFESTS = $(filter-out k8s/kustomization.yaml,$(wildcard k8s/*.yaml))
+
+.PHONY: deploy-tools check-deploy
+deploy-tools: $(VENV)/.dev ## Install docker-compose and promtool (Debian) where missing
+	@scripts/install-deploy-tools.sh $(BIN)
+
+check-deploy: deploy-tools ## Validate the Dockerfile, compose file, k8s manifests and Prometheus files
+	$(BIN)/hadolint Dockerfile
+	@# .env is the developer's own (and absent in CI): check the file with .env.example in its place.
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && ln -s "$(CURDIR)"/* "$$tmp"/ \
+	  && cp .env.example "$$tmp/.env" && set -x \
+	  && $(COMPOSE) -f docker-compose.yml --project-directory "$$tmp" --profile replicas config -q
+	$(BIN)/kubernetes-validate --strict --quiet $(K8S_MANIFESTS)
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version 1.30.0 $(K8S_MANIFESTS)
+	@for f in $(notdir $(K8S_MANIFESTS)); do \
+	  grep -qE "^  - $$f$$" k8s/kustomization.yaml || { echo "k8s/kustomization.yaml does not list $$f" >&2; exit 1; }; \
+	done
+	$(PROMTOOL) check config monitoring/prometheus.yml
+	$(PROMTOOL) check rules monitoring/alerts.yml
+	$(PROMTOOL) test rules monitoring/alerts_test.yml
 
 clean: ## Remove the virtual environment, build outputs and caches
 	rm -rf $(VENV) node_modules dist build .pytest_cache .mypy_cache .ruff_cache htmlcov .coverage

@@ -244,6 +244,8 @@ async def test_misconfigured_turns_health_off_until_success(
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=10)
         check = await health.Check(health_pb2.HealthCheckRequest(service="image.v1.ImageService"))
         assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        alive = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert alive.status == health_pb2.HealthCheckResponse.SERVING  # liveness: no restart
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{ark_app.http_port}/ready") as ready:
                 assert ready.status == 503

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 log = get_logger("sia.rpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageService"].full_name
-HEALTH_NAMES = ("", SERVICE_NAME)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -77,14 +76,19 @@ class GrpcServer:
         log.info("grpc_server_started", host=self.settings.grpc_host, port=self.port)
 
     async def set_serving(self, serving: bool) -> None:
-        """Publish the serving flag on grpc.health.v1 for the server and ImageService."""
+        """Publish readiness on grpc.health.v1.
+
+        `image.v1.ImageService` follows readiness (start-up, a refused provider
+        key, shutdown); `""` is liveness: SERVING from start until shutdown, so
+        a bad key takes the pod out of rotation instead of restarting it.
+        """
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in HEALTH_NAMES:
-            await self.health.set(name, status)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(SERVICE_NAME, status)
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING for good, refuse new calls, let in-flight calls finish."""
