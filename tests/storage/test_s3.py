@@ -19,9 +19,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from moto.server import ThreadedMotoServer
 
+from sia.app import App
+from sia.domain import GenerationRequest, TaskStatus
 from sia.errors import NotFound, Unavailable
 from sia.storage import s3 as s3_module
 from sia.storage.s3 import S3BlobStore
+from tests.helpers import TEST_SIZE, MakeSettings
 
 ACCESS_KEY = "AKIASIATESTKEY000001"
 SECRET_KEY = "sia-test-secret-must-not-leak"
@@ -284,3 +287,30 @@ def test_default_credential_chain(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(Unavailable):
         S3BlobStore(bucket="b", endpoint_url="http://127.0.0.1:1").url(key)
+
+
+async def test_app_stores_task_images_in_s3(
+    endpoint: str, raw: Any, make_settings: MakeSettings
+) -> None:
+    """With BLOB_STORE=s3 a task's image lands in the bucket and its presigned URL downloads."""
+    bucket = f"sia-{secrets.token_hex(6)}"
+    await raw.create_bucket(Bucket=bucket)
+    settings = make_settings(
+        blob_store="s3",
+        s3_bucket=bucket,
+        s3_endpoint_url=endpoint,
+        s3_access_key_id=ACCESS_KEY,
+        s3_secret_access_key=SECRET_KEY,
+    )
+    async with App(settings) as app:
+        request = GenerationRequest(prompt="x", model="doubao-seedream-4-0-250828", size=TEST_SIZE)
+        task = await app.service.submit(request)
+        async with asyncio.timeout(15):
+            while (done := await app.service.get_task(task.id)).status is not TaskStatus.SUCCEEDED:
+                await asyncio.sleep(0.05)
+        assert done.result is not None
+        url = done.result.images[0].url
+        assert url.startswith(f"{endpoint}/{bucket}/sia/") and "X-Amz-Signature=" in url
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            assert resp.status == 200
+            assert (await resp.read())[:2] == b"\xff\xd8"
