@@ -379,3 +379,18 @@ def test_sse_parser_tolerance() -> None:
         ("image_generation.partial_succeeded", '{"a":\n1}'),
         ("message", "[DONE]"),
     ]
+
+
+async def test_store_results_keeps_sync_images(make_settings: MakeSettings, fake: FakeArk) -> None:
+    """With STORE_RESULTS a synchronous URL result is fetched as bytes and served by us."""
+    settings = make_settings(
+        image_provider="ark", image_api_key=KEY, image_base_url=fake.base_url, store_results=True
+    )
+    async with App(settings) as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        stub = pb_grpc.ImageServiceStub(ch)
+        resp = await stub.GenerateImage(pb.GenerateImageRequest(prompt="keep me"), timeout=10)
+        url = resp.images[0].url
+        assert url.startswith(f"http://localhost:{app.http_port}/images/")
+        assert fake.requests[-1].body["response_format"] == "b64_json"  # type: ignore[index]
+        async with aiohttp.ClientSession() as http, http.get(url) as download:
+            assert download.status == 200
