@@ -27,9 +27,12 @@ LABEL org.opencontainers.image.title="sia" \
 
 # The read-only root filesystem of the Kubernetes manifests works because
 # bytecode is compiled at build time and nothing else writes outside DATA_DIR.
+# PYTHONMALLOC=malloc is what `sia serve` would re-execute itself with (see
+# sia/cli.py: freed heap goes back to the OS after a burst); set here, it starts once.
 ENV PATH=/opt/sia/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONMALLOC=malloc \
     GRPC_PORT=8080 \
     HTTP_PORT=9090
 

@@ -9,7 +9,7 @@ IMAGE  ?= sia:latest
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev proto lint-proto dev run build test test-coverage fmt lint \
-        docker-build docker-run clean
+        docker-build docker-run clean bench bench-smoke
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -56,13 +56,19 @@ test-coverage: install-dev ## Run every test with a coverage report
 	$(BIN)/pytest --cov --cov-report=term-missing --cov-report=html
 
 fmt: $(VENV)/.dev ## Format and auto-fix the code
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
 
 lint: $(VENV)/.dev ## ruff, ruff format --check and mypy --strict
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+
+bench: $(VENV)/.dev ## Benchmark SIA against a bare gRPC echo (~3 min); bench/results/latest.json
+	$(PY) -m bench.run
+
+bench-smoke: $(VENV)/.dev ## The benchmark in a tiny configuration (checks the harness only)
+	$(PY) -m bench.run --smoke --out bench/results/tmp/smoke.json
 
 docker-build: ## Build the container image (IMAGE, default sia:latest)
 	docker build -t $(IMAGE) .

@@ -8,10 +8,13 @@ one format.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import structlog
 
 if TYPE_CHECKING:
@@ -28,12 +31,27 @@ def _logger_name(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_secret(key: str) -> bool:
+    """True for a field name that says it holds a secret (names come from code: few, cached)."""
+    lowered = key.lower()
+    return key != "output_tokens" and any(word in lowered for word in _SECRET_WORDS)
+
+
 def _redact(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Mask any field whose name says it holds a secret."""
     for key in event_dict:
-        if any(word in key.lower() for word in _SECRET_WORDS) and key != "output_tokens":
+        if _is_secret(key):
             event_dict[key] = "***"
     return event_dict
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    """JSON by orjson (several times faster than json.dumps), or by json for what it refuses."""
+    try:
+        return orjson.dumps(obj, **kw).decode()
+    except TypeError:  # integers beyond 64 bits, keys that are not strings
+        return json.dumps(obj, **kw)
 
 
 def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = True) -> None:
@@ -54,7 +72,7 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     structlog.configure(
         processors=[
             *shared,

@@ -132,32 +132,32 @@ class ImageService:
         budget = self.settings.image_timeout
         if timeout is not None:
             budget = min(budget, timeout)
-        provider, model = self.provider.name, request.model
+        metrics, provider = self.metrics, self.provider.name
         start = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
                 result = await self.provider.generate(request, timeout=budget)
         except TimeoutError:
-            self.metrics.upstream_errors.labels(provider, "TIMEOUT").inc()
+            metrics.child(metrics.upstream_errors, provider, "TIMEOUT").inc()
             raise DeadlineExceeded(f"the generation did not finish within {budget:.3g} s") from None
         except SiaError as exc:
-            self.metrics.upstream_errors.labels(
-                provider, exc.metadata.get("upstream_code", exc.reason)
-            ).inc()
+            code = exc.metadata.get("upstream_code", exc.reason)
+            metrics.child(metrics.upstream_errors, provider, code).inc()
             raise
         finally:
-            self.metrics.upstream_seconds.labels(provider, model).observe(
-                time.perf_counter() - start
-            )
+            elapsed = time.perf_counter() - start
+            metrics.child(metrics.upstream_seconds, provider, request.model).observe(elapsed)
         ok = sum(1 for image in result.images if image.ok)
         if ok:
-            self.metrics.images_generated.labels(result.model, "success").inc(ok)
+            metrics.child(metrics.images_generated, result.model, "success").inc(ok)
         if failed := len(result.images) - ok:
-            self.metrics.images_generated.labels(result.model, "failure").inc(failed)
+            metrics.child(metrics.images_generated, result.model, "failure").inc(failed)
         return result
 
     async def _store_bytes(self, result: GenerationResult) -> GenerationResult:
         """Move inline image bytes into the blob store, linking each image to its blob."""
+        if not any(image.data for image in result.images):
+            return result  # URL results: nothing to store
 
         async def store(image: GeneratedImage) -> GeneratedImage:
             if not image.data:

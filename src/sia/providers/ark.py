@@ -18,14 +18,12 @@ It follows shared/ark-api.md field by field:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import re
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
 import structlog
 
@@ -45,13 +43,11 @@ from sia.providers.upstream import (
     SSEParser,
     Upstream,
     call_with_retries,
-    connection_failed,
     parse_retry_after,
-    read_body,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import AsyncIterator, Callable, Mapping
 
     from sia.domain import GenerationRequest
     from sia.models import ModelSpec
@@ -138,13 +134,20 @@ class ArkProvider:
     async def _attempt(
         self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
     ) -> GenerationResult:
-        async with self._upstream.post(PATH, body, headers) as resp:
-            if resp.status >= 400:
-                raise upstream_error(resp.status, await read_body(resp, PROVIDER), resp.headers)
-            if resp.content_type == "text/event-stream":
-                return await _read_stream(resp, request)
-            payload = _loads(await read_body(resp, PROVIDER), resp)
-        return parse_result(payload, request)
+        if not request.sequential:
+            answer = await self._upstream.fetch(PATH, body, headers)
+            if answer.status >= 400:
+                raise upstream_error(answer.status, answer.body, answer.headers)
+            if answer.content_type == "text/event-stream":  # tolerated, though not asked for
+                return await _read_stream(_one_chunk(answer.body), answer.headers, request)
+            return parse_result(_loads(answer.body, answer.status), request)
+        async with self._upstream.stream(PATH, body, headers) as streamed:
+            if streamed.status >= 400:
+                raise upstream_error(streamed.status, await streamed.read(), streamed.headers)
+            if streamed.content_type == "text/event-stream":
+                return await _read_stream(streamed.chunks(), streamed.headers, request)
+            raw = await streamed.read()
+        return parse_result(_loads(raw, streamed.status), request)
 
     async def aclose(self) -> None:
         """Close the pooled connections; idempotent."""
@@ -192,8 +195,12 @@ def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> Gene
     )
 
 
+async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
 async def _read_stream(
-    resp: aiohttp.ClientResponse, request: GenerationRequest
+    chunks: AsyncIterator[bytes], headers: Mapping[str, str], request: GenerationRequest
 ) -> GenerationResult:
     """Assemble a group from SSE events; errors after the first image are not retried."""
     parser = SSEParser()
@@ -216,14 +223,14 @@ async def _read_stream(
             usage = event.get("usage") or {}
         elif isinstance(event.get("error"), dict):
             if not images:
-                raise _from_error_body(500, event["error"], resp.headers.get("X-Request-Id", ""))
+                raise _from_error_body(500, event["error"], headers.get("X-Request-Id", ""))
             log.warning("ark_stream_error", images_received=len(images), error=event["error"])
             return True  # keep the images already paid for; never retry a started group
         return False
 
     try:
         done = False
-        async for chunk in resp.content.iter_any():
+        async for chunk in chunks:
             for event in parser.feed(chunk):
                 if event.data and handle(event.data):
                     done = True
@@ -233,11 +240,15 @@ async def _read_stream(
             for event in parser.close():
                 if event.data:
                     handle(event.data)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except UpstreamUnavailable as exc:
         if not images:
-            raise connection_failed(PROVIDER, exc) from exc
+            raise
         # The connection broke mid-group: keep what arrived rather than pay for it twice.
-        log.warning("ark_stream_broken", images_received=len(images), error=type(exc).__name__)
+        log.warning(
+            "ark_stream_broken",
+            images_received=len(images),
+            error=exc.metadata.get("upstream_code", ""),
+        )
     except orjson.JSONDecodeError as exc:
         raise _bad_answer("a stream event is not JSON", images) from exc
     if not images:
@@ -256,8 +267,9 @@ def _image(index: int, item: Mapping[str, Any]) -> GeneratedImage:
     size = str(item.get("size") or "")
     if b64 := item.get("b64_json"):
         try:
-            data = base64.b64decode(b64)
-        except (binascii.Error, ValueError):
+            # What base64.b64decode does, without its copy of a str into bytes first.
+            data = binascii.a2b_base64(b64)
+        except (binascii.Error, ValueError, TypeError):
             return GeneratedImage(index=index, error=ImageError("InvalidImage", "bad base64"))
         return GeneratedImage(index=index, data=data, size=size, content_type=_sniff(data))
     return GeneratedImage(
@@ -282,14 +294,14 @@ def _usage(raw: Any, images: tuple[GeneratedImage, ...]) -> Usage:
     return Usage(len(ok), pixels // 256)
 
 
-def _loads(raw: bytes, resp: aiohttp.ClientResponse) -> Mapping[str, Any]:
+def _loads(raw: bytes, status: int) -> Mapping[str, Any]:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         payload = None
     if not isinstance(payload, dict):
         raise UpstreamUnavailable(
-            f"the ark provider answered HTTP {resp.status} with a body that is not a JSON object",
+            f"the ark provider answered HTTP {status} with a body that is not a JSON object",
             metadata={"provider": PROVIDER, "upstream_code": "BadResponse"},
         )
     return payload

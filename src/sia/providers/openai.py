@@ -42,13 +42,10 @@ from sia.providers.upstream import (
     Upstream,
     call_with_retries,
     parse_retry_after,
-    read_body,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
-
-    import aiohttp
 
     from sia.domain import GenerationRequest
 
@@ -153,11 +150,10 @@ class OpenAIProvider:
     async def _attempt(
         self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
     ) -> GenerationResult:
-        async with self._upstream.post(PATH, body, headers) as resp:
-            raw = await read_body(resp, PROVIDER)
-        if resp.status >= 400:
-            raise upstream_error(resp.status, raw, resp.headers, secret=self._secret)
-        return parse_result(_loads(raw, resp), request)
+        answer = await self._upstream.fetch(PATH, body, headers)
+        if answer.status >= 400:
+            raise upstream_error(answer.status, answer.body, answer.headers, secret=self._secret)
+        return parse_result(_loads(answer.body, answer.status), request)
 
     async def aclose(self) -> None:
         """Close the pooled connections; idempotent."""
@@ -243,13 +239,13 @@ def image_size(data: bytes) -> str:
     return f"{width}x{height}"
 
 
-def _loads(raw: bytes, resp: aiohttp.ClientResponse) -> Mapping[str, Any]:
+def _loads(raw: bytes, status: int) -> Mapping[str, Any]:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         payload = None
     if not isinstance(payload, dict):
-        raise _bad_answer(f"HTTP {resp.status} with a body that is not a JSON object")
+        raise _bad_answer(f"HTTP {status} with a body that is not a JSON object")
     return payload
 
 

@@ -1,7 +1,8 @@
 """What every HTTP provider shares: the pooled client, retries, and SSE parsing.
 
 `Upstream` owns one aiohttp session per provider per process, sized for
-thousands of concurrent generations. `call_with_retries` runs one attempt
+thousands of concurrent generations: `fetch` reads a whole answer, `stream`
+one that arrives as server-sent events. `call_with_retries` runs one attempt
 after another with exponential backoff and full jitter, honouring
 `Retry-After`, for retryable errors only and never past the deadline.
 `SSEParser` turns a byte stream into server-sent events, tolerating
@@ -14,6 +15,7 @@ becomes `UpstreamUnavailable`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import random
 import time
@@ -21,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
+import yarl
 
 from sia.errors import Retryable, SiaError, UpstreamUnavailable
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterator, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 log = get_logger("sia.providers")
 
@@ -34,6 +37,10 @@ T = TypeVar("T")
 
 #: Seconds to open a TCP connection before the attempt counts as failed.
 CONNECT_TIMEOUT = 10.0
+#: Seconds an idle pooled connection is kept open.
+KEEPALIVE_TIMEOUT = 30.0
+#: The User-Agent of every upstream request.
+USER_AGENT = "sia-image-service"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +106,7 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class Upstream:
-    """A pooled aiohttp client for one provider's base URL."""
+    """One provider's pooled aiohttp client for its base URL."""
 
     def __init__(
         self,
@@ -111,9 +118,10 @@ class Upstream:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.provider = provider
-        self._headers = dict(headers)
+        self._headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **headers}
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}  # parsed once per path, not per call
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -123,20 +131,48 @@ class Upstream:
                 limit=self._max_connections,
                 limit_per_host=0,
                 ttl_dns_cache=300,
-                keepalive_timeout=30,
+                keepalive_timeout=KEEPALIVE_TIMEOUT,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers=self._headers,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT),
                 raise_for_status=False,
-                auto_decompress=True,
+                cookie_jar=aiohttp.DummyCookieJar(),  # an API needs no cookies, nor their cost
             )
         return self._session
 
-    def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> RequestContext:
-        """A POST of a JSON body; use as `async with upstream.post(...) as resp:`."""
-        return RequestContext(self, path, body, headers)
+    def _url(self, path: str) -> yarl.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = yarl.URL(self.base_url + path)
+        return url
+
+    async def fetch(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """POST a JSON body and read the whole answer; failures are UpstreamUnavailable."""
+        try:
+            async with self.session.post(self._url(path), data=body, headers=headers) as resp:
+                return Answer(resp.status, resp.headers, await resp.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise connection_failed(self.provider, exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> AsyncIterator[StreamedAnswer]:
+        """POST a JSON body and read the answer as it arrives (server-sent events).
+
+        `async with upstream.stream(...) as answer:` leaves the connection
+        closed or back in the pool; failures are UpstreamUnavailable.
+        """
+        try:
+            resp = await self.session.post(self._url(path), data=body, headers=headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise connection_failed(self.provider, exc) from exc
+        try:
+            yield StreamedAnswer(resp, self.provider)
+        finally:
+            resp.release()
 
     async def aclose(self) -> None:
         """Close the pooled connections; idempotent."""
@@ -148,33 +184,57 @@ class Upstream:
         return f"Upstream(provider={self.provider!r}, base_url={self.base_url!r})"
 
 
-class RequestContext:
-    """Opens one POST and translates connection failures into UpstreamUnavailable."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A whole HTTP answer: status, header fields (case-insensitive) and the body."""
 
-    def __init__(
-        self, upstream: Upstream, path: str, body: bytes, headers: Mapping[str, str]
-    ) -> None:
-        self._upstream = upstream
-        self._path = path
-        self._body = body
-        self._headers = headers
-        self._response: aiohttp.ClientResponse | None = None
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
-    async def __aenter__(self) -> aiohttp.ClientResponse:
-        up = self._upstream
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters ("" when absent)."""
+        return media_type(self.headers)
+
+
+class StreamedAnswer:
+    """An answer whose body is read chunk by chunk."""
+
+    def __init__(self, response: aiohttp.ClientResponse, provider: str) -> None:
+        self._response = response
+        self._provider = provider
+        self.status = response.status
+        self.headers: Mapping[str, str] = response.headers
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters ("" when absent)."""
+        return media_type(self.headers)
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
         try:
-            self._response = await up.session.post(
-                up.base_url + self._path,
-                data=self._body,
-                headers={"Content-Type": "application/json", **self._headers},
-            )
+            return await self._response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_failed(up.provider, exc) from exc
-        return self._response
+            raise connection_failed(self._provider, exc) from exc
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._response is not None:
-            self._response.release()
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive."""
+        content = self._response.content
+        while True:
+            try:
+                chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise connection_failed(self._provider, exc) from exc
+            if not chunk:
+                return
+            yield chunk
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """The Content-Type's media type, lower case, without parameters ("" when absent)."""
+    return headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 def connection_failed(provider: str, exc: BaseException) -> UpstreamUnavailable:
@@ -184,14 +244,6 @@ def connection_failed(provider: str, exc: BaseException) -> UpstreamUnavailable:
         f"the {provider} provider could not be reached ({kind})",
         metadata={"provider": provider, "upstream_code": kind},
     )
-
-
-async def read_body(resp: aiohttp.ClientResponse, provider: str) -> bytes:
-    """The whole response body; a broken connection becomes UpstreamUnavailable."""
-    try:
-        return await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise connection_failed(provider, exc) from exc
 
 
 @dataclass(slots=True)

@@ -73,10 +73,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         service, _, name = method.lstrip("/").rpartition("/")
         guarded = service in GUARDED_SERVICES
-        started = self.metrics.rpc_started.labels("unary", service, name)
-        seconds = self.metrics.rpc_seconds.labels("unary", service, name)
-        in_flight = self.metrics.rpc_in_flight.labels(service, name)
-        handled = self.metrics.rpc_handled
+        metrics = self.metrics
+        started = metrics.child(metrics.rpc_started, "unary", service, name)
+        seconds = metrics.child(metrics.rpc_seconds, "unary", service, name)
+        in_flight = metrics.child(metrics.rpc_in_flight, service, name)
         readiness = self.readiness
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -111,7 +111,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 elapsed = time.perf_counter() - start
                 in_flight.dec()
                 seconds.observe(elapsed)
-                handled.labels("unary", service, name, code.name).inc()
+                metrics.child(metrics.rpc_handled, "unary", service, name, code.name).inc()
                 log.info(
                     "rpc",
                     method=method,

@@ -1,0 +1,1 @@
+"""The benchmark harness: `make bench` (or `python -m bench.run`); see bench/README.md."""

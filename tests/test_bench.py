@@ -1,0 +1,49 @@
+"""The benchmark harness in its smoke configuration: it runs end to end and writes its report.
+
+Only the shape of the report is checked, never the figures: they depend on
+the machine and on whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_IDS = {"1", "2", "3", "4a", "4b", "5a", "5b", "5c", "6a", "6b", "6c", "6d"}
+RESULTS = {"pass", "FAIL", "pending", "skipped", "info"}
+
+
+@pytest.mark.timeout(90)
+def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
+    """`python -m bench.run --smoke` exits 0, prints the table and writes every row."""
+    out = tmp_path / "smoke.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGE_", "TASK_", "REDIS_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| # | measure |" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["schema"] == 1
+    assert {"nproc", "cpu", "memory_gib", "python"} <= report["machine"].keys()
+    rows = {row["id"]: row for row in report["rows"]}
+    assert rows.keys() == ROW_IDS
+    for row in rows.values():
+        assert row["result"] in RESULTS
+        assert {"name", "baseline", "figure", "ratio", "target"} <= row.keys()
+    for key in ("throughput", "latency", "large", "burst", "burst_rss_after", "async"):
+        assert key in report["raw"]
+    assert rows["6b"]["result"] == "skipped"  # the smoke run leaves Redis out
