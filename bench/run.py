@@ -364,6 +364,10 @@ class Bench:
                 self.sia_redis.stop(5)
                 self.sia_redis = None
         self.echoes = self._start_echoes()
+        self.forwarder = self.fleet.start(
+            "forwarder", [sys.executable, "-m", "bench.forwarder", "--upstream", fast_url]
+        )
+        self.forwarder.wait_ready("forwarder_ready")
         self.client.watch = [p.pid for p in self.fleet.procs if p.popen.poll() is None]
         self.log(f"processes ready: {', '.join(p.name for p in self.fleet.procs)}")
 
@@ -548,7 +552,10 @@ class Bench:
                 concurrency=cfg.concurrency,
             )  # fmt: skip
             sia = self._load(sia_proc, GENERATE, request=self._req(), concurrency=cfg.concurrency)
-            return {"echo": echo, "sia": sia}
+            floor = self._load(
+                self.forwarder, GENERATE, request=self._req(), concurrency=cfg.concurrency
+            )
+            return {"echo": echo, "sia": sia, "forwarder": floor}
 
         reps = self._repeat("throughput", measure)
         self.raw["throughput"] = reps
@@ -560,6 +567,9 @@ class Bench:
             [r["sia"]["server_cpu_per_call_ms"] / r["echo"]["server_cpu_per_call_ms"] for r in reps]
         )
         errors = sum(sum(r["sia"]["errors"].values()) for r in reps)
+        floor_ratio = median(
+            [r["forwarder"]["calls_per_s"] / r["echo"]["calls_per_s"] for r in reps]
+        )
         return [
             Row(
                 "1",
@@ -570,6 +580,16 @@ class Bench:
                 f"{ratio:.2f}",
                 ">= 0.45",
                 verdict(ratio >= 0.45 and errors == 0),
+            ),
+            Row(
+                "1f",
+                "reference: bare forwarder (gRPC + the same upstream client, no logic)",
+                f"echo {median([r['echo']['calls_per_s'] for r in reps]):,.0f} calls/s",
+                f"{median([r['forwarder']['calls_per_s'] for r in reps]):,.0f} calls/s",
+                floor_ratio,
+                f"{floor_ratio:.2f}",
+                "the floor under 1",
+                "info",
             ),
             Row(
                 "2",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW_IDS = {"1", "2", "3", "4a", "4b", "5a", "5b", "5c", "6a", "6b", "6c", "6d"}
+ROW_IDS = {"1", "1f", "2", "3", "4a", "4b", "5a", "5b", "5c", "6a", "6b", "6c", "6d"}
 RESULTS = {"pass", "FAIL", "pending", "skipped", "info"}
 
 

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("data")
     task_backend: Literal["sqlite", "redis"] = "sqlite"
-    task_workers: Annotated[int, Field(ge=1, le=1024)] = 4
+    task_workers: Annotated[int, Field(ge=1, le=1024)] = 16
     task_queue_limit: Annotated[int, Field(ge=1)] = 1000
     task_retention: Annotated[float, Field(gt=0)] = 86400.0
     task_max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
