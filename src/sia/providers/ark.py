@@ -134,20 +134,14 @@ class ArkProvider:
     async def _attempt(
         self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
     ) -> GenerationResult:
-        if not request.sequential:
-            answer = await self._upstream.fetch(PATH, body, headers)
+        # One path for single images and groups: a group answers text/event-stream, and
+        # a single image may too (tolerated), so the body is read as the answer says.
+        async with self._upstream.stream(PATH, body, headers) as answer:
             if answer.status >= 400:
-                raise upstream_error(answer.status, answer.body, answer.headers)
-            if answer.content_type == "text/event-stream":  # tolerated, though not asked for
-                return await _read_stream(_one_chunk(answer.body), answer.headers, request)
-            return parse_result(_loads(answer.body, answer.status), request)
-        async with self._upstream.stream(PATH, body, headers) as streamed:
-            if streamed.status >= 400:
-                raise upstream_error(streamed.status, await streamed.read(), streamed.headers)
-            if streamed.content_type == "text/event-stream":
-                return await _read_stream(streamed.chunks(), streamed.headers, request)
-            raw = await streamed.read()
-        return parse_result(_loads(raw, streamed.status), request)
+                raise upstream_error(answer.status, await answer.read(), answer.headers)
+            if answer.content_type == "text/event-stream":
+                return await _read_stream(answer.chunks(), answer.headers, request)
+            return parse_result(_loads(await answer.read(), answer.status), request)
 
     async def aclose(self) -> None:
         """Close the pooled connections; idempotent."""
@@ -193,10 +187,6 @@ def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> Gene
         images=images,
         usage=_usage(payload.get("usage"), images),
     )
-
-
-async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
-    yield body
 
 
 async def _read_stream(
