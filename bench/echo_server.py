@@ -46,20 +46,27 @@ def _handler(answer: bytes) -> grpc.RpcMethodHandler[bytes, bytes]:
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
-async def serve(host: str, port: int, small: bytes, large: bytes) -> None:
-    """Serve until SIGTERM or SIGINT."""
-    server = grpc.aio.server(options=OPTIONS)
-    handlers = {"Small": _handler(small), "Large": _handler(large)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+async def serve_until_signalled(
+    server: grpc.aio.Server, host: str, port: int, ready_event: str
+) -> None:
+    """Bind, start, print `{"event": ready_event, "port": N}`, and stop on SIGTERM or SIGINT."""
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    print(json.dumps({"event": "echo_ready", "port": bound}), flush=True)
+    print(json.dumps({"event": ready_event, "port": bound}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(0)
+
+
+async def serve(host: str, port: int, small: bytes, large: bytes) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    server = grpc.aio.server(options=OPTIONS)
+    handlers = {"Small": _handler(small), "Large": _handler(large)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    await serve_until_signalled(server, host, port, "echo_ready")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,16 +14,13 @@ what the stack itself allows on the machine.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import signal
 from typing import Any
 
 import grpc
 import grpc.aio
 import orjson
 
-from bench.echo_server import OPTIONS
+from bench.echo_server import OPTIONS, serve_until_signalled
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.cli import run
 from sia.providers.upstream import Upstream
@@ -71,16 +68,10 @@ async def serve(host: str, port: int, upstream_url: str) -> None:
         "image.v1.ImageService", {"GenerateImage": handler}
     )
     server.add_generic_rpc_handlers((generic,))
-    bound = server.add_insecure_port(f"{host}:{port}")
-    await server.start()
-    print(json.dumps({"event": "forwarder_ready", "port": bound}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0)
-    await upstream.aclose()
+    try:
+        await serve_until_signalled(server, host, port, "forwarder_ready")
+    finally:
+        await upstream.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:

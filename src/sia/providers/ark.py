@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import binascii
 import re
-import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import structlog
 
 from sia.domain import GeneratedImage, GenerationResult, ImageError, Usage
 from sia.errors import (
@@ -39,15 +36,13 @@ from sia.errors import (
 from sia.logs import get_logger
 from sia.models import ARK_MODELS, parse_dimensions
 from sia.providers.upstream import (
-    RetryPolicy,
+    HttpProvider,
     SSEParser,
-    Upstream,
-    call_with_retries,
     parse_retry_after,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import AsyncIterator, Mapping
 
     from sia.domain import GenerationRequest
     from sia.models import ModelSpec
@@ -82,54 +77,19 @@ PARAM_FIELDS = {"image": "images", "sequential_image_generation_options": "max_i
 _REQUEST_ID_IN_MESSAGE = re.compile(r"request id:\s*([\w-]+)", re.IGNORECASE)
 
 
-class ArkProvider:
+class ArkProvider(HttpProvider):
     """ImageProvider for Volcengine Ark."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        max_retries: int = 3,
-        max_connections: int = 4096,
-        on_health: Callable[[str | None], None] | None = None,
-    ) -> None:
-        self._upstream = Upstream(
-            base_url,
-            headers={"Authorization": f"Bearer {api_key}"},
-            max_connections=max_connections,
-            provider=PROVIDER,
-        )
-        self._policy = RetryPolicy(max_retries=max_retries)
-        self._on_health = on_health or (lambda _: None)
-
-    @property
-    def name(self) -> str:
-        """Short name shown in health answers and metrics."""
-        return PROVIDER
+    provider = PROVIDER
 
     @property
     def models(self) -> Mapping[str, ModelSpec]:
         """Seedream 4.0, 4.5, 3.0 and SeedEdit 3.0."""
         return ARK_MODELS
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
-        """Generate `request`, retrying transient failures until `timeout` runs out."""
-        body = orjson.dumps(request_body(request, self.models[request.model]))
-        headers = {"X-Client-Request-Id": _client_request_id()}
-
-        async def attempt() -> GenerationResult:
-            return await self._attempt(request, body, headers)
-
-        try:
-            result = await call_with_retries(
-                attempt, self._policy, deadline=time.monotonic() + timeout
-            )
-        except ProviderMisconfigured as exc:
-            self._on_health(exc.message)
-            raise
-        self._on_health(None)
-        return result
+    def encode_request(self, request: GenerationRequest) -> bytes:
+        """The JSON body Ark expects for `request`."""
+        return orjson.dumps(request_body(request, self.models[request.model]))
 
     async def _attempt(
         self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
@@ -142,13 +102,6 @@ class ArkProvider:
             if answer.content_type == "text/event-stream":
                 return await _read_stream(answer.chunks(), answer.headers, request)
             return parse_result(_loads(await answer.read(), answer.status), request)
-
-    async def aclose(self) -> None:
-        """Close the pooled connections; idempotent."""
-        await self._upstream.aclose()
-
-    def __repr__(self) -> str:
-        return f"ArkProvider(base_url={self._upstream.base_url!r})"
 
 
 def request_body(request: GenerationRequest, spec: ModelSpec) -> dict[str, Any]:
@@ -362,9 +315,3 @@ def _from_error_body(status: int, error: Mapping[str, Any], request_id: str) -> 
     return UpstreamUnavailable(
         f"the ark provider failed (HTTP {status}, {code}); retry later", metadata=meta
     )
-
-
-def _client_request_id() -> str:
-    """Our request or task id, so a call can be traced through the upstream."""
-    bound = structlog.contextvars.get_contextvars()
-    return str(bound.get("request_id") or bound.get("task_id") or uuid.uuid4().hex)

@@ -18,12 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import orjson
-import structlog
 from PIL import Image, UnidentifiedImageError
 
 from sia.domain import GeneratedImage, GenerationResult, ImageError, Usage
@@ -35,21 +32,17 @@ from sia.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
-from sia.logs import get_logger
 from sia.models import ModelSpec, parse_dimensions
 from sia.providers.upstream import (
-    RetryPolicy,
-    Upstream,
-    call_with_retries,
+    HttpProvider,
     parse_retry_after,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
     from sia.domain import GenerationRequest
 
-log = get_logger("sia.providers.openai")
 
 PATH = "/v1/images/generations"
 PROVIDER = "openai"
@@ -92,60 +85,19 @@ OPENAI_MODELS: Mapping[str, ModelSpec] = {
 }
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     """ImageProvider for OpenAI's Images API."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        max_retries: int = 3,
-        max_connections: int = 4096,
-        on_health: Callable[[str | None], None] | None = None,
-    ) -> None:
-        self._upstream = Upstream(
-            base_url,
-            headers={"Authorization": f"Bearer {api_key}"},
-            max_connections=max_connections,
-            provider=PROVIDER,
-        )
-        self._secret = api_key
-        self._policy = RetryPolicy(max_retries=max_retries)
-        self._on_health = on_health or (lambda _: None)
-
-    @property
-    def name(self) -> str:
-        """Short name shown in health answers and metrics."""
-        return PROVIDER
+    provider = PROVIDER
 
     @property
     def models(self) -> Mapping[str, ModelSpec]:
         """gpt-image-1, gpt-image-1-mini, dall-e-3 and dall-e-2."""
         return OPENAI_MODELS
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
-        """Generate `request`, retrying transient failures until `timeout` runs out."""
-        body = orjson.dumps(request_body(request))
-        headers = {"X-Client-Request-Id": _client_request_id()}
-
-        async def attempt() -> GenerationResult:
-            return await self._attempt(request, body, headers)
-
-        try:
-            result = await call_with_retries(
-                attempt, self._policy, deadline=time.monotonic() + timeout
-            )
-        except ProviderMisconfigured as exc:
-            log.warning(
-                "openai_misconfigured",
-                upstream_code=exc.metadata.get("upstream_code", ""),
-                upstream_request_id=exc.metadata.get("upstream_request_id", ""),
-            )
-            self._on_health(exc.message)
-            raise
-        self._on_health(None)
-        return result
+    def encode_request(self, request: GenerationRequest) -> bytes:
+        """The JSON body OpenAI expects for `request`."""
+        return orjson.dumps(request_body(request))
 
     async def _attempt(
         self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
@@ -154,13 +106,6 @@ class OpenAIProvider:
         if answer.status >= 400:
             raise upstream_error(answer.status, answer.body, answer.headers, secret=self._secret)
         return parse_result(_loads(answer.body, answer.status), request)
-
-    async def aclose(self) -> None:
-        """Close the pooled connections; idempotent."""
-        await self._upstream.aclose()
-
-    def __repr__(self) -> str:
-        return f"OpenAIProvider(base_url={self._upstream.base_url!r})"
 
 
 def request_body(request: GenerationRequest) -> dict[str, Any]:
@@ -320,13 +265,3 @@ def upstream_error(
     )
     failed.upstream_retry_after = retry_after
     return failed
-
-
-def _client_request_id() -> str:
-    """Our request or task id, so a call can be traced through the upstream."""
-    bound = structlog.contextvars.get_contextvars()
-    value = str(bound.get("request_id") or bound.get("task_id") or "")
-    # OpenAI takes up to 512 printable ASCII characters; anything else gets a fresh id.
-    if value and len(value) <= 512 and value.isascii() and value.isprintable():
-        return value
-    return uuid.uuid4().hex

@@ -1,5 +1,11 @@
 """What every HTTP provider shares: the pooled client, retries, and SSE parsing.
 
+`HttpProvider` is the base of the Ark and OpenAI providers: it owns their
+`Upstream`, runs each generation as attempts under `call_with_retries`, and
+reports a misconfigured provider (refused key, missing model) to readiness
+until a later call succeeds. A subclass says how to build its request body
+and how to read one attempt's answer.
+
 `Upstream` owns one aiohttp session per provider per process, sized for
 thousands of concurrent generations: `fetch` reads a whole answer, `stream`
 one that arrives as server-sent events. `call_with_retries` runs one attempt
@@ -14,22 +20,27 @@ becomes `UpstreamUnavailable`.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import email.utils
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import aiohttp
+import structlog
 import yarl
 
-from sia.errors import Retryable, SiaError, UpstreamUnavailable
+from sia.errors import ProviderMisconfigured, Retryable, SiaError, UpstreamUnavailable
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+
+    from sia.domain import GenerationRequest, GenerationResult
 
 log = get_logger("sia.providers")
 
@@ -244,6 +255,91 @@ def connection_failed(provider: str, exc: BaseException) -> UpstreamUnavailable:
         f"the {provider} provider could not be reached ({kind})",
         metadata={"provider": provider, "upstream_code": kind},
     )
+
+
+class HttpProvider(abc.ABC):
+    """An ImageProvider over HTTP with a bearer key (see the module docstring)."""
+
+    #: Short name shown in health answers, metrics and errors.
+    provider: ClassVar[str]
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        max_retries: int = 3,
+        max_connections: int = 4096,
+        on_health: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self._upstream = Upstream(
+            base_url,
+            headers={"Authorization": f"Bearer {api_key}"},
+            max_connections=max_connections,
+            provider=self.provider,
+        )
+        self._secret = api_key
+        self._policy = RetryPolicy(max_retries=max_retries)
+        self._on_health = on_health or (lambda _: None)
+
+    @property
+    def name(self) -> str:
+        """Short name shown in health answers and metrics."""
+        return self.provider
+
+    @abc.abstractmethod
+    def encode_request(self, request: GenerationRequest) -> bytes:
+        """The JSON body of `request`, as the provider's API expects it."""
+
+    @abc.abstractmethod
+    async def _attempt(
+        self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
+    ) -> GenerationResult:
+        """One call of the API; errors are the error tree's."""
+
+    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        """Generate `request`, retrying transient failures until `timeout` runs out."""
+        body = self.encode_request(request)
+        headers = {"X-Client-Request-Id": client_request_id()}
+
+        async def attempt() -> GenerationResult:
+            return await self._attempt(request, body, headers)
+
+        try:
+            result = await call_with_retries(
+                attempt, self._policy, deadline=time.monotonic() + timeout
+            )
+        except ProviderMisconfigured as exc:
+            log.warning(
+                "provider_misconfigured",
+                provider=self.provider,
+                upstream_code=exc.metadata.get("upstream_code", ""),
+                upstream_request_id=exc.metadata.get("upstream_request_id", ""),
+            )
+            self._on_health(exc.message)
+            raise
+        self._on_health(None)
+        return result
+
+    async def aclose(self) -> None:
+        """Close the pooled connections; idempotent."""
+        await self._upstream.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self._upstream.base_url!r})"
+
+
+def client_request_id() -> str:
+    """Our request or task id for X-Client-Request-Id, so a call can be traced upstream.
+
+    Printable ASCII of at most 512 characters (OpenAI's limit); anything else,
+    or no id bound, gets a fresh one.
+    """
+    bound = structlog.contextvars.get_contextvars()
+    value = str(bound.get("request_id") or bound.get("task_id") or "")
+    if value and len(value) <= 512 and value.isascii() and value.isprintable():
+        return value
+    return uuid.uuid4().hex
 
 
 @dataclass(slots=True)
