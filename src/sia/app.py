@@ -60,7 +60,9 @@ def build_provider(settings: Settings, readiness: Readiness) -> ImageProvider:
     assert settings.image_api_key is not None  # Settings requires a key for these providers
 
     def on_health(problem: str | None) -> None:
-        readiness.report("provider", problem)
+        # Out of rotation no call could show the problem fixed: serve again after a while.
+        recheck = settings.provider_recheck_interval
+        readiness.report("provider", problem, expires_after=recheck)
 
     cls = ArkProvider if settings.provider == "ark" else OpenAIProvider
     return cls(

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     image_timeout: Annotated[float, Field(gt=0)] = 300.0
     image_max_retries: Annotated[int, Field(ge=0, le=10)] = 3
     image_max_connections: Annotated[int, Field(ge=1)] = 4096
+    provider_recheck_interval: Annotated[float, Field(gt=0)] = 60.0
 
     offline_latency: Seconds = 0.0
     offline_image_format: Literal["jpeg", "png"] = "jpeg"

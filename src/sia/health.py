@@ -4,14 +4,25 @@ The HTTP `/ready` endpoint, the gRPC health service and the HealthCheck RPC
 all read it. It is serving once start-up has finished, until shutdown begins,
 and while no component has reported itself unfit (for example a provider
 whose credentials were refused).
+
+A problem may be reported with an expiry: the provider's is, because an
+instance out of rotation gets no calls that could show the problem fixed
+(every replica shares the key, so all of them would stay out for good). When
+it expires the instance serves again and the next call tells: a refused key
+takes it out again, a success keeps it in.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
+
+from sia.logs import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+log = get_logger("sia.health")
 
 
 class Readiness:
@@ -22,6 +33,7 @@ class Readiness:
         self.shutting_down = False
         self.problems: dict[str, str] = {}
         self._listeners: list[Callable[[bool], None]] = []
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
 
     @property
     def serving(self) -> bool:
@@ -41,12 +53,30 @@ class Readiness:
         """Shutdown has begun: stop receiving new work."""
         self._update(lambda: setattr(self, "shutting_down", True))
 
-    def report(self, component: str, problem: str | None) -> None:
-        """Record a component's problem, or clear it with None."""
+    def report(
+        self, component: str, problem: str | None, *, expires_after: float | None = None
+    ) -> None:
+        """Record a component's problem, or clear it with None.
+
+        With `expires_after` (seconds; needs a running event loop) the problem
+        clears itself then, unless reported again meanwhile.
+        """
+        expiry = self._expiries.pop(component, None)
+        if expiry is not None:
+            expiry.cancel()
         if problem is None:
             self._update(lambda: self.problems.pop(component, None))
-        else:
-            self._update(lambda: self.problems.__setitem__(component, problem))
+            return
+        self._update(lambda: self.problems.__setitem__(component, problem))
+        if expires_after is not None:
+            loop = asyncio.get_running_loop()
+            self._expiries[component] = loop.call_later(expires_after, self._expire, component)
+
+    def _expire(self, component: str) -> None:
+        self._expiries.pop(component, None)
+        if self.problems.get(component) is not None:
+            log.info("readiness_recheck", component=component, problem=self.problems[component])
+            self.report(component, None)
 
     def _update(self, change: Callable[[], object]) -> None:
         before = self.serving

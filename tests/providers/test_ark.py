@@ -256,6 +256,32 @@ async def test_misconfigured_turns_health_off_until_success(
         assert check.status == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_misconfigured_instance_serves_again_to_recheck(
+    make_settings: MakeSettings, fake: FakeArk
+) -> None:
+    """Out of rotation no call can clear the problem: after PROVIDER_RECHECK_INTERVAL it serves."""
+    settings = make_settings(
+        image_provider="ark",
+        image_api_key=KEY,
+        image_base_url=fake.base_url,
+        provider_recheck_interval=0.3,
+    )
+    async with (
+        App(settings) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+    ):
+        stub, health = pb_grpc.ImageServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="image.v1.ImageService")
+        fake.script(FakeError("AccountOverdueError"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=10)
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.sleep(0.5)  # the account was topped up meanwhile: nothing is scripted
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+        await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=10)
+        assert (await health.Check(request)).status == health_pb2.HealthCheckResponse.SERVING
+
+
 async def test_rate_limit_retried_after_retry_after(stub: Stub, fake: FakeArk) -> None:
     """A 429 with Retry-After: 1 is retried no sooner than one second later."""
     fake.script(FakeError("ModelAccountRpmRateLimitExceeded", retry_after=1), FakeOK())
