@@ -56,6 +56,33 @@ async def test_health_watch_sees_shutdown(app: App, channel: grpc.aio.Channel) -
     call.cancel()
 
 
+async def test_open_watches_end_when_shutdown_begins(make_settings: MakeSettings) -> None:
+    """A watcher (Envoy, client-side health checking) gets NOT_SERVING, then its stream ends,
+    so an open Watch does not hold shutdown for the whole SHUTDOWN_GRACE."""
+    app = App(make_settings(shutdown_grace=20))
+    await app.__aenter__()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            calls = [
+                stub.Watch(health_pb2.HealthCheckRequest(service=service))
+                for service in ("", "image.v1.ImageService")
+            ]
+            for call in calls:
+                assert (await call.read()).status == SERVING  # type: ignore[union-attr]
+            started = asyncio.get_running_loop().time()
+            shutdown = asyncio.create_task(app.shutdown())
+            for call in calls:
+                last = await asyncio.wait_for(call.read(), 5)
+                assert last.status == NOT_SERVING  # type: ignore[union-attr]
+                assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
+                assert await call.code() == grpc.StatusCode.OK
+            await asyncio.wait_for(shutdown, 10)
+            assert asyncio.get_running_loop().time() - started < 5  # not the 20 s of grace
+    finally:
+        await app.shutdown()
+
+
 async def test_reflection_lists_services(channel: grpc.aio.Channel) -> None:
     """Server reflection lists ImageService, health and reflection itself."""
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import grpc.aio
@@ -48,6 +49,56 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 as the reference servicer has it, but Watch ends with shutdown.
+
+    The reference Watch waits for the next change for ever, so every open watch
+    (Envoy, Linkerd, client-side health checking) would hold `server.stop` for
+    its whole grace period. Here a watch that has sent NOT_SERVING after
+    shutdown began ends with OK, and the watcher moves to another replica.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ending = False  # shutdown has begun
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        """Stream the service's status until shutdown has been sent, or the peer goes."""
+        # The proxy forwards everything else to the real context (see _EndingContext).
+        ending = cast("grpc.aio.ServicerContext[Any, Any]", _EndingContext(context, self))
+        with contextlib.suppress(_WatchEnded):
+            await super().Watch(request, ending)
+
+    async def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for every service, for good; open watches end after sending it."""
+        self.ending = True
+        await super().enter_graceful_shutdown()
+
+
+class _WatchEnded(Exception):
+    """Unwinds the reference Watch loop once shutdown's status has been written."""
+
+
+class _EndingContext:
+    """The watch's context, whose write() ends the watch once shutdown has begun."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], servicer: HealthServicer):
+        self._context = context
+        self._servicer = servicer
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        if self._servicer.ending:
+            raise _WatchEnded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
 class GrpcServer:
     """The grpc.aio server with every service registered; owns its health servicer."""
 
@@ -55,7 +106,7 @@ class GrpcServer:
         self, settings: Settings, service: ImageService, metrics: Metrics, readiness: Readiness
     ) -> None:
         self.settings = settings
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[ObservabilityInterceptor(metrics, readiness)],
             options=server_options(settings),
