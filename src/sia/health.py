@@ -61,6 +61,8 @@ class Readiness:
         With `expires_after` (seconds; needs a running event loop) the problem
         clears itself then, unless reported again meanwhile.
         """
+        if problem is None and component not in self.problems:
+            return  # the common case: a provider call succeeded, as before
         expiry = self._expiries.pop(component, None)
         if expiry is not None:
             expiry.cancel()
