@@ -75,10 +75,8 @@ class Readiness:
             self._expiries[component] = loop.call_later(expires_after, self._expire, component)
 
     def _expire(self, component: str) -> None:
-        self._expiries.pop(component, None)
-        if self.problems.get(component) is not None:
-            log.info("readiness_recheck", component=component, problem=self.problems[component])
-            self.report(component, None)
+        log.info("readiness_recheck", component=component, problem=self.problems.get(component))
+        self.report(component, None)
 
     def _update(self, change: Callable[[], object]) -> None:
         before = self.serving

@@ -161,11 +161,8 @@ class Upstream:
 
     async def fetch(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer:
         """POST a JSON body and read the whole answer; failures are UpstreamUnavailable."""
-        try:
-            async with self.session.post(self._url(path), data=body, headers=headers) as resp:
-                return Answer(resp.status, resp.headers, await resp.read())
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_failed(self.provider, exc) from exc
+        async with self.stream(path, body, headers) as answer:
+            return Answer(answer.status, answer.headers, await answer.read())
 
     @contextlib.asynccontextmanager
     async def stream(
