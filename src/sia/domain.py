@@ -8,6 +8,7 @@ speak only these.
 from __future__ import annotations
 
 import enum
+import random
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -129,6 +130,16 @@ class Task:
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)
+
+
+def new_request_id() -> str:
+    """A fresh request id: 32 lower-case hex digits, like uuid4().hex.
+
+    Request ids correlate log lines and upstream calls; they need to be
+    unique, not unguessable, so they come from the process's PRNG (seeded
+    from the OS) instead of a getrandom() system call per RPC.
+    """
+    return f"{random.getrandbits(128):032x}"
 
 
 def new_task_id() -> str:

@@ -6,7 +6,6 @@ naming the field as the client spells it (`images[2]`, `max_images`).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import io
 import math
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from sia.domain import GenerationRequest, ResponseFormat
@@ -183,7 +183,7 @@ def _check_data_uri(ref: str) -> str | None:
             f"{', '.join(sorted(set(REFERENCE_FORMATS) - {'jpg'}))} (lower case)"
         )
     try:
-        data = base64.b64decode(match["data"], validate=True)
+        data = pybase64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):
         return "data URI payload is not valid base64"
     if len(data) > MAX_REFERENCE_BYTES:

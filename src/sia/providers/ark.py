@@ -18,7 +18,6 @@ It follows shared/ark-api.md field by field:
 
 from __future__ import annotations
 
-import binascii
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +37,7 @@ from sia.models import ARK_MODELS, parse_dimensions
 from sia.providers.upstream import (
     HttpProvider,
     SSEParser,
+    decode_b64_image,
     parse_retry_after,
 )
 
@@ -210,9 +210,8 @@ def _image(index: int, item: Mapping[str, Any]) -> GeneratedImage:
     size = str(item.get("size") or "")
     if b64 := item.get("b64_json"):
         try:
-            # What base64.b64decode does, without its copy of a str into bytes first.
-            data = binascii.a2b_base64(b64)
-        except (binascii.Error, ValueError, TypeError):
+            data = decode_b64_image(b64)
+        except (ValueError, TypeError):
             return GeneratedImage(index=index, error=ImageError("InvalidImage", "bad base64"))
         return GeneratedImage(index=index, data=data, size=size, content_type=_sniff(data))
     return GeneratedImage(

@@ -15,8 +15,6 @@ It follows shared/ark-api.md section 6:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +33,7 @@ from sia.errors import (
 from sia.models import ModelSpec, parse_dimensions
 from sia.providers.upstream import (
     HttpProvider,
+    decode_b64_image,
     parse_retry_after,
 )
 
@@ -149,8 +148,8 @@ def _image(index: int, item: Any, size: str) -> GeneratedImage:
         return GeneratedImage(index=index, error=ImageError("BadResponse", "not an object"))
     if b64 := item.get("b64_json"):
         try:
-            data = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError, TypeError):
+            data = decode_b64_image(b64)
+        except (ValueError, TypeError):
             return GeneratedImage(index=index, error=ImageError("BadResponse", "bad base64"))
         return GeneratedImage(
             index=index, data=data, size=size or image_size(data), content_type=sniff(data)

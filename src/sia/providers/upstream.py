@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import binascii
 import contextlib
 import email.utils
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import aiohttp
+import pybase64
 import structlog
 import yarl
 
+from sia.domain import new_request_id
 from sia.errors import ProviderMisconfigured, Retryable, SiaError, UpstreamUnavailable
 from sia.logs import get_logger
 
@@ -240,6 +242,20 @@ class StreamedAnswer:
             yield chunk
 
 
+def decode_b64_image(value: str) -> bytes:
+    """The bytes of a `b64_json` image; binascii.Error (a ValueError) when it is not base64.
+
+    Canonical base64 takes pybase64's SIMD decoder (a 4 MiB image in 0.3 ms
+    instead of binascii's 11 ms); anything else, such as base64 broken into
+    lines, takes the standard library's lenient decoder, which skips
+    characters outside the alphabet.
+    """
+    try:
+        return pybase64.b64decode(value, validate=True)
+    except binascii.Error:
+        return binascii.a2b_base64(value)
+
+
 def media_type(headers: Mapping[str, str]) -> str:
     """The Content-Type's media type, lower case, without parameters ("" when absent)."""
     return headers.get("content-type", "").partition(";")[0].strip().lower()
@@ -336,7 +352,7 @@ def client_request_id() -> str:
     value = str(bound.get("request_id") or bound.get("task_id") or "")
     if value and len(value) <= 512 and value.isascii() and value.isprintable():
         return value
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 @dataclass(slots=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 import structlog
 
+from sia.domain import new_request_id
 from sia.errors import ShuttingDown, SiaError
 from sia.logs import get_logger
 from sia.rpc.errors import make_status, to_status
@@ -127,4 +127,4 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value
-    return uuid.uuid4().hex
+    return new_request_id()
