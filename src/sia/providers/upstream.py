@@ -1,4 +1,4 @@
-"""What every HTTP provider shares: the pooled client, retries, and SSE parsing.
+"""What every HTTP provider shares: the pooled client, retries, SSE and base64 images.
 
 `HttpProvider` is the base of the Ark and OpenAI providers: it owns their
 `Upstream`, runs each generation as attempts under `call_with_retries`, and
@@ -13,6 +13,7 @@ after another with exponential backoff and full jitter, honouring
 `Retry-After`, for retryable errors only and never past the deadline.
 `SSEParser` turns a byte stream into server-sent events, tolerating
 multi-line data, comments, keep-alives and lines of several megabytes.
+`decode_b64_image` reads a `b64_json` image, on a SIMD decoder when it can.
 
 aiohttp's exceptions never leave this module: a connection that fails
 becomes `UpstreamUnavailable`.
