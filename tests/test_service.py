@@ -1,4 +1,4 @@
-"""Tests of the use cases that the RPC tests do not reach directly: retention."""
+"""Tests of the use cases that the RPC tests do not reach directly: retention, deadlines."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import asyncio
 import pytest
 
 from sia.app import App
-from sia.domain import GenerationRequest, TaskStatus
-from sia.errors import TaskNotFound
+from sia.domain import GenerationRequest, GenerationResult, TaskStatus
+from sia.errors import DeadlineExceeded, TaskNotFound
+from sia.models import ARK_MODELS
 from tests.helpers import TEST_SIZE, MakeSettings
 
 
@@ -30,3 +31,64 @@ async def test_sweep_deletes_expired_tasks_and_images(make_settings: MakeSetting
         with pytest.raises(TaskNotFound):
             await app.service.get_task(task.id)
         assert not app.store.path(key).exists()
+
+
+def _request() -> GenerationRequest:
+    return GenerationRequest(prompt="x", model="doubao-seedream-4-0-250828", size=TEST_SIZE)
+
+
+class HangingProvider:
+    """A provider that never answers and sets no timer of its own (as Ark's does not)."""
+
+    name = "hanging"
+    models = ARK_MODELS
+
+    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _timeouts(app: App) -> float:
+    value = app.metrics.registry.get_sample_value(
+        "sia_upstream_errors_total", {"provider": app.provider.name, "code": "TIMEOUT"}
+    )
+    return value or 0.0
+
+
+async def test_caller_timeout_is_left_to_the_caller(make_settings: MakeSettings) -> None:
+    """A caller's time sooner than IMAGE_TIMEOUT sets no timer: the caller cancels at its end.
+
+    Cancelled after its time is up, the call counts as an upstream TIMEOUT; cancelled
+    earlier (the client went away), it does not.
+    """
+    async with App(make_settings(), provider=HangingProvider()) as app:
+        late = asyncio.create_task(app.service.generate(_request(), caller_timeout=0.2))
+        await asyncio.sleep(0.4)
+        assert not late.done()  # no timer of the service's own fired
+        late.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert _timeouts(app) == 1
+
+        early = asyncio.create_task(app.service.generate(_request(), caller_timeout=5))
+        await asyncio.sleep(0.1)
+        early.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await early
+        assert _timeouts(app) == 1
+
+
+async def test_image_timeout_sooner_than_the_caller_is_enforced(
+    make_settings: MakeSettings,
+) -> None:
+    """IMAGE_TIMEOUT before the caller's time (or with none) ends the call as DeadlineExceeded."""
+    async with App(make_settings(image_timeout=0.2), provider=HangingProvider()) as app:
+        for caller_timeout in (10.0, None):
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(DeadlineExceeded, match=r"within 0\.2 s"):
+                await app.service.generate(_request(), caller_timeout=caller_timeout)
+            assert asyncio.get_running_loop().time() - start < 1.5
+        assert _timeouts(app) == 2

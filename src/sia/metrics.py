@@ -2,24 +2,41 @@
 
 Names follow the Prometheus naming guide and the usual gRPC server names
 (`grpc_server_handled_total` and friends), so existing gRPC dashboards fit.
+
+The metrics updated on every call (the gRPC server's and the provider
+call's) are `LoopMetric`s: plain numbers updated on the event loop's thread
+and read by the same thread when /metrics is scraped. prometheus-client's own
+types take a lock on every update, which cost 4 % of the server's CPU per
+GenerateImage under load (bench target 1: 0.545 ms per call without metric
+updates, 0.565-0.586 ms with them).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import bisect
+from typing import TYPE_CHECKING, Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sia.domain import TaskStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
     from prometheus_client.metrics import MetricWrapperBase
 
     from sia.tasks.base import TaskStats
@@ -33,6 +50,96 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class Value:
+    """One series of a counter or gauge."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add `amount`."""
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Subtract `amount` (gauges)."""
+        self.value -= amount
+
+
+class Buckets:
+    """One series of a histogram: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        """Count one observation in the first bucket whose bound is >= `amount`."""
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class LoopMetric(Collector):
+    """A labelled counter, gauge or histogram updated from one thread, without locks.
+
+    `labels(*values)` returns the series (a `Value`, or `Buckets` for a
+    histogram); the registry reads them all on each scrape.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["counter", "gauge", "histogram"],
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        registry: CollectorRegistry,
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = (*(float(b) for b in buckets), float("inf"))
+        # The `le` labels as prometheus-client writes them ("0.005", "1.0", "+Inf").
+        self._le = tuple(floatToGoString(b) for b in self._bounds)  # type: ignore[no-untyped-call]
+        self._series: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Any:
+        """The series for these label values (created on first use)."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+        series = self._series.get(values)
+        if series is None:
+            series = Buckets(self._bounds) if self.kind == "histogram" else Value()
+            self._series[values] = series
+        return series
+
+    def collect(self) -> Iterator[Metric]:
+        """One metric family with every series (called by the registry on scrape)."""
+        items = list(self._series.items())  # one atomic copy
+        if self.kind == "histogram":
+            histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for values, series in items:
+                cumulative, points = 0, []
+                for le, count in zip(self._le, series.counts, strict=True):
+                    cumulative += count
+                    points.append((le, float(cumulative)))
+                histogram.add_metric(values, points, series.sum)
+            yield histogram
+            return
+        family_type = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = family_type(self.name, self.documentation, labels=self.labelnames)
+        for values, series in items:
+            family.add_metric(values, series.value)
+        yield family
+
+
 class Metrics:
     """Every metric the service exports."""
 
@@ -40,29 +147,32 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         rpc = ("grpc_type", "grpc_service", "grpc_method")
-        self.rpc_started = Counter(
-            "grpc_server_started_total", "RPCs started on the server.", rpc, registry=r
+        self.rpc_started = LoopMetric(
+            "counter", "grpc_server_started_total", "RPCs started on the server.", rpc, registry=r
         )
-        self.rpc_handled = Counter(
+        self.rpc_handled = LoopMetric(
+            "counter",
             "grpc_server_handled_total",
             "RPCs completed on the server, by status code.",
             (*rpc, "grpc_code"),
             registry=r,
         )
-        self.rpc_seconds = Histogram(
+        self.rpc_seconds = LoopMetric(
+            "histogram",
             "grpc_server_handling_seconds",
             "Time to handle an RPC, from receipt to the last byte sent.",
             rpc,
-            buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.rpc_in_flight = Gauge(
+        self.rpc_in_flight = LoopMetric(
+            "gauge",
             "grpc_server_in_flight_requests",
             "RPCs being handled right now.",
             ("grpc_service", "grpc_method"),
             registry=r,
         )
-        self.images_generated = Counter(
+        self.images_generated = LoopMetric(
+            "counter",
             "sia_images_generated_total",
             "Images generated, by model and outcome (success or failure).",
             ("model", "outcome"),
@@ -95,11 +205,11 @@ class Metrics:
             ("backend", "outcome"),
             registry=r,
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = LoopMetric(
+            "histogram",
             "sia_upstream_request_seconds",
             "Time the provider took to answer a generation.",
             ("provider", "model"),
-            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.upstream_errors = Counter(
@@ -116,7 +226,7 @@ class Metrics:
         )
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+    def child(self, metric: MetricWrapperBase | LoopMetric, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once per label set.
 
         `labels()` takes a lock and validates and builds its key on every

@@ -8,6 +8,7 @@ gRPC or HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from datetime import timedelta
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = get_logger("sia.service")
 
 _EXPIRED = ImageError("IMAGE_EXPIRED", "the stored image has expired")
+_NO_TIMER = contextlib.nullcontext()
 
 
 def _as_bytes(request: GenerationRequest) -> GenerationRequest:
@@ -70,9 +72,15 @@ class ImageService:
         )
 
     async def generate(
-        self, request: GenerationRequest, *, timeout: float | None = None
+        self, request: GenerationRequest, *, caller_timeout: float | None = None
     ) -> GenerationResult:
-        """Generate now, within IMAGE_TIMEOUT and the caller's `timeout` if sooner.
+        """Generate now, within IMAGE_TIMEOUT and the caller's time if sooner.
+
+        `caller_timeout` is the time the caller has left and enforces itself by
+        cancelling this coroutine, as gRPC does at a call's deadline. Retries
+        stop short of it; the service sets a timer of its own only when
+        IMAGE_TIMEOUT comes first (a timer per call costs more than the rest of
+        the deadline handling together).
 
         For URL results, images the provider returns as bytes are stored so the
         URL points at this service; with STORE_RESULTS every image is fetched
@@ -80,9 +88,9 @@ class ImageService:
         """
         store = request.response_format is ResponseFormat.URL
         if store and self.settings.store_results:
-            result = await self._call_provider(_as_bytes(request), timeout)
+            result = await self._call_provider(_as_bytes(request), caller_timeout)
         else:
-            result = await self._call_provider(request, timeout)
+            result = await self._call_provider(request, caller_timeout)
         return await self._store_bytes(result) if store else result
 
     async def run_task(self, task: Task) -> GenerationResult:
@@ -127,19 +135,26 @@ class ImageService:
             log.info("retention_sweep", tasks_deleted=tasks, images_deleted=blobs)
 
     async def _call_provider(
-        self, request: GenerationRequest, timeout: float | None
+        self, request: GenerationRequest, caller_timeout: float | None
     ) -> GenerationResult:
         budget = self.settings.image_timeout
-        if timeout is not None:
-            budget = min(budget, timeout)
+        timer: contextlib.AbstractAsyncContextManager[object]
+        if caller_timeout is not None and caller_timeout < budget:
+            budget, timer = caller_timeout, _NO_TIMER  # the caller cancels us in time
+        else:
+            timer = asyncio.timeout(budget)
         metrics, provider = self.metrics, self.provider.name
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(budget):
+            async with timer:
                 result = await self.provider.generate(request, timeout=budget)
         except TimeoutError:
             metrics.child(metrics.upstream_errors, provider, "TIMEOUT").inc()
             raise DeadlineExceeded(f"the generation did not finish within {budget:.3g} s") from None
+        except asyncio.CancelledError:
+            if time.perf_counter() - start >= budget:  # the caller's deadline passed
+                metrics.child(metrics.upstream_errors, provider, "TIMEOUT").inc()
+            raise
         except SiaError as exc:
             code = exc.metadata.get("upstream_code", exc.reason)
             metrics.child(metrics.upstream_errors, provider, code).inc()

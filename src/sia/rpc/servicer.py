@@ -36,7 +36,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     ) -> pb.GenerateImageResponse:
         """Generate one image and wait for it."""
         domain = convert.generate_request(request, self.service.defaults)
-        result = await self.service.generate(domain, timeout=context.time_remaining())
+        result = await self.service.generate(domain, caller_timeout=context.time_remaining())
         return convert.generate_response(result)
 
     async def GenerateSequentialImages(
@@ -46,7 +46,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     ) -> pb.GenerateImageResponse:
         """Generate a group of images and wait for them."""
         domain = convert.sequential_request(request, self.service.defaults)
-        result = await self.service.generate(domain, timeout=context.time_remaining())
+        result = await self.service.generate(domain, caller_timeout=context.time_remaining())
         return convert.generate_response(result)
 
     async def GenerateImageAsync(

@@ -1,0 +1,87 @@
+"""Log output: one JSON object per line, timestamps, and one flush per loop iteration."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from datetime import UTC, datetime
+
+import pytest
+import structlog
+
+from sia import logs
+from sia.logs import LineOutput, configure_logging, get_logger
+
+
+class CountingStream(io.StringIO):
+    """A text stream that counts its flushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.parametrize(
+    "now",
+    [0.0, 1.5, 1_764_500_000.123456, 1_764_500_000.9999996, 1_764_500_059.000001, 2_000_000_000.5],
+)
+def test_timestamp_is_iso_utc_with_microseconds(
+    now: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp reads like datetime.isoformat (UTC, Z), to the microsecond."""
+    monkeypatch.setattr(time, "time", lambda: now)
+    stamp = logs._timestamp(None, "info", {})["timestamp"]
+    assert stamp.endswith("Z") and len(stamp) == len("2026-11-30T11:42:47.763119Z")
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert abs(parsed.timestamp() - now) <= 1e-6
+    assert parsed.tzinfo == UTC
+
+
+async def test_lines_of_one_iteration_are_flushed_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loop, lines written in one iteration leave with one flush in the next."""
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    output = LineOutput()
+    for n in range(3):
+        output.write(f'{{"n":{n}}}')
+    assert stream.flushes == 0
+    await asyncio.sleep(0)
+    assert stream.flushes == 1
+    assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
+    output.write('{"n":3}')
+    await asyncio.sleep(0)
+    assert stream.flushes == 2
+
+
+def test_lines_off_the_loop_are_flushed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up and worker threads have no loop: each line is flushed as it is written."""
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    output = LineOutput()
+    output.write('{"a":1}')
+    output.write('{"a":2}')
+    assert stream.flushes == 2
+    assert stream.getvalue() == '{"a":1}\n{"a":2}\n'
+
+
+async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixture[str]) -> None:
+    """A JSON line has the event, its fields, bound context, level, timestamp and logger."""
+    configure_logging("info", "json", cache=False)
+    try:
+        log = get_logger("sia.test")
+        with structlog.contextvars.bound_contextvars(request_id="r-1"):
+            log.info("hello", n=1, api_key="sk-secret")
+        await asyncio.sleep(0)
+    finally:
+        configure_logging("warning", "json", cache=False)
+    [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert line["event"] == "hello" and line["n"] == 1 and line["request_id"] == "r-1"
+    assert line["level"] == "info" and line["logger"] == "sia.test"
+    assert line["api_key"] == "***"
+    assert line["timestamp"].endswith("Z")
