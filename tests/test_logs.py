@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from sia import logs
-from sia.logs import LineOutput, configure_logging, get_logger
+from sia.logs import REQUEST_ID, AccessLog, LineOutput, configure_logging, get_logger
 
 
 class CountingStream(io.StringIO):
@@ -85,3 +85,39 @@ async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixtu
     assert line["level"] == "info" and line["logger"] == "sia.test"
     assert line["api_key"] == "***"
     assert line["timestamp"].endswith("Z")
+
+
+def _lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
+    return [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+
+
+def test_access_line_has_the_shape_structlog_gives_every_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The directly rendered access line equals structlog's line for the same event."""
+    configure_logging("info", "json", cache=False)
+    token = REQUEST_ID.set("req-9")
+    try:
+        fields = {"method": "/image.v1.ImageService/Check", "code": "OK", "duration_ms": 1.5}
+        AccessLog("sia.rpc")("rpc", **fields)
+        get_logger("sia.rpc").info("rpc", **fields)
+    finally:
+        REQUEST_ID.reset(token)
+        configure_logging("warning", "json", cache=False)
+    fast, reference = _lines(capsys)
+    assert fast.pop("timestamp") and reference.pop("timestamp")
+    assert list(fast.items()) == list(reference.items())
+    assert fast["request_id"] == "req-9"
+
+
+def test_access_line_follows_format_and_level(capsys: pytest.CaptureFixture[str]) -> None:
+    """Console format renders it through structlog; above info it is not written."""
+    try:
+        configure_logging("info", "console", cache=False)
+        AccessLog("sia.rpc")("rpc", code="OK")
+        assert "rpc" in capsys.readouterr().out
+        configure_logging("warning", "json", cache=False)
+        AccessLog("sia.rpc")("rpc", code="OK")
+        assert capsys.readouterr().out == ""
+    finally:
+        configure_logging("warning", "json", cache=False)

@@ -37,7 +37,7 @@ import yarl
 
 from sia.domain import new_request_id
 from sia.errors import ProviderMisconfigured, Retryable, SiaError, UpstreamUnavailable
-from sia.logs import get_logger
+from sia.logs import REQUEST_ID, get_logger
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -379,8 +379,7 @@ def client_request_id() -> str:
     Printable ASCII of at most 512 characters (OpenAI's limit); anything else,
     or no id bound, gets a fresh one.
     """
-    bound = structlog.contextvars.get_contextvars()
-    value = str(bound.get("request_id") or bound.get("task_id") or "")
+    value = REQUEST_ID.get() or str(structlog.contextvars.get_contextvars().get("task_id") or "")
     if value and len(value) <= 512 and value.isascii() and value.isprintable():
         return value
     return new_request_id()

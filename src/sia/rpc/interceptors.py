@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
-import structlog
 
 from sia.domain import new_request_id
 from sia.errors import ShuttingDown, SiaError
-from sia.logs import get_logger
+from sia.logs import REQUEST_ID, AccessLog, get_logger
 from sia.rpc.errors import make_status, to_status
 
 if TYPE_CHECKING:
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
     from sia.metrics import Metrics
 
 log = get_logger("sia.rpc")
+access = AccessLog("sia.rpc")
 
 
 #: Services whose calls are refused once shutdown begins (health and reflection stay up).
@@ -81,7 +81,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             request_id = _request_id(context)
-            structlog.contextvars.bind_contextvars(request_id=request_id)
+            bound = REQUEST_ID.set(request_id)
             started.inc()
             in_flight.inc()
             start = time.perf_counter()
@@ -112,13 +112,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 in_flight.dec()
                 seconds.observe(elapsed)
                 metrics.child(metrics.rpc_handled, "unary", service, name, code.name).inc()
-                log.info(
-                    "rpc",
-                    method=method,
-                    code=code.name,
-                    duration_ms=round(elapsed * 1000, 3),
-                )
-                structlog.contextvars.unbind_contextvars("request_id")
+                access("rpc", method=method, code=code.name, duration_ms=round(elapsed * 1000, 3))
+                REQUEST_ID.reset(bound)
 
         return handle
 
