@@ -75,13 +75,13 @@ async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixtu
     configure_logging("info", "json", cache=False)
     try:
         log = get_logger("sia.test")
-        with structlog.contextvars.bound_contextvars(request_id="r-1"):
+        with structlog.contextvars.bound_contextvars(task_id="t-1"):
             log.info("hello", n=1, api_key="sk-secret")
         await asyncio.sleep(0)
     finally:
         configure_logging("warning", "json", cache=False)
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert line["event"] == "hello" and line["n"] == 1 and line["request_id"] == "r-1"
+    assert line["event"] == "hello" and line["n"] == 1 and line["task_id"] == "t-1"
     assert line["level"] == "info" and line["logger"] == "sia.test"
     assert line["api_key"] == "***"
     assert line["timestamp"].endswith("Z")

@@ -12,7 +12,6 @@ import aiohttp
 import grpc.aio
 import orjson
 import pytest
-import structlog
 from PIL import Image
 
 from sia.api.image.v1 import image_service_pb2 as pb
@@ -27,6 +26,7 @@ from sia.errors import (
     UpstreamRejected,
     UpstreamUnavailable,
 )
+from sia.logs import REQUEST_ID
 from sia.providers.openai import (
     OPENAI_MODELS,
     OpenAIProvider,
@@ -87,8 +87,11 @@ async def test_single_image_is_decoded_png(
     provider: OpenAIProvider, fake: FakeOpenAI, health: list[str | None]
 ) -> None:
     """A gpt-image call yields the PNG bytes, their size, content type, usage and our request id."""
-    with structlog.contextvars.bound_contextvars(request_id="rid-7"):
+    bound = REQUEST_ID.set("rid-7")  # as the gRPC interceptor does
+    try:
         result = await provider.generate(request(size="1536x1024"), timeout=TIMEOUT)
+    finally:
+        REQUEST_ID.reset(bound)
     [image] = result.images
     assert (image.index, image.size, image.content_type, image.url) == (
         0,

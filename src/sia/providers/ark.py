@@ -134,7 +134,7 @@ def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> Gene
     items = payload.get("data") or []
     if not items and isinstance(payload.get("error"), dict):
         raise _from_error_body(200, payload["error"], "")
-    images = tuple(_image(index, item) for index, item in enumerate(items))
+    images = tuple([_image(index, item) for index, item in enumerate(items)])
     return GenerationResult(
         model=str(payload.get("model") or request.model),
         images=images,
@@ -229,9 +229,9 @@ def _sniff(data: bytes) -> str:
 
 def _usage(raw: Any, images: tuple[GeneratedImage, ...]) -> Usage:
     """Usage as reported, or computed as Ark bills it (sum of w*h / 256) when missing."""
-    ok = [image for image in images if image.ok]
     if isinstance(raw, dict) and "generated_images" in raw:
         return Usage(int(raw.get("generated_images", 0)), int(raw.get("output_tokens", 0)))
+    ok = [image for image in images if image.ok]
     pixels = sum(w * h for w, h in filter(None, (parse_dimensions(i.size) for i in ok)))
     return Usage(len(ok), pixels // 256)
 

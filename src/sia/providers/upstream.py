@@ -28,7 +28,7 @@ import email.utils
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import aiohttp
 import pybase64
@@ -80,15 +80,15 @@ def retryable(exc: BaseException) -> bool:
 
 
 async def call_with_retries(
-    attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, *, deadline: float
+    attempt: Callable[..., Awaitable[T]], *args: Any, policy: RetryPolicy, deadline: float
 ) -> T:
-    """Run `attempt` until it succeeds, fails for good, or the next wait passes `deadline`.
+    """Run `attempt(*args)` until it succeeds, fails for good, or the next wait passes `deadline`.
 
     `deadline` is on the `time.monotonic()` clock.
     """
     for number in range(policy.max_retries + 1):
         try:
-            return await attempt()
+            return await attempt(*args)
         except SiaError as exc:
             if not retryable(exc) or number == policy.max_retries:
                 raise
@@ -345,13 +345,14 @@ class HttpProvider(abc.ABC):
         """Generate `request`, retrying transient failures until `timeout` runs out."""
         body = self.encode_request(request)
         headers = {"X-Client-Request-Id": client_request_id()}
-
-        async def attempt() -> GenerationResult:
-            return await self._attempt(request, body, headers)
-
         try:
             result = await call_with_retries(
-                attempt, self._policy, deadline=time.monotonic() + timeout
+                self._attempt,
+                request,
+                body,
+                headers,
+                policy=self._policy,
+                deadline=time.monotonic() + timeout,
             )
         except ProviderMisconfigured as exc:
             log.warning(
