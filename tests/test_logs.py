@@ -59,6 +59,33 @@ async def test_lines_of_one_iteration_are_flushed_together(monkeypatch: pytest.M
     assert stream.flushes == 2
 
 
+def test_a_flush_left_on_a_closed_loop_does_not_strand_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop closed before its flush ran: lines written on the next loop still go out."""
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    output = LineOutput()
+
+    async def write(text: str, *, stop: bool = False) -> None:
+        output.write(text)
+        if stop:
+            asyncio.get_running_loop().stop()  # before the scheduled flush can run
+
+    first = asyncio.new_event_loop()
+    first.run_until_complete(write('{"n":1}', stop=True))
+    first.close()
+    assert stream.flushes == 0
+    second = asyncio.new_event_loop()
+    try:
+        second.run_until_complete(write('{"n":2}'))
+        second.run_until_complete(asyncio.sleep(0))
+    finally:
+        second.close()
+    assert stream.flushes == 1
+    assert stream.getvalue() == '{"n":1}\n{"n":2}\n'
+
+
 def test_lines_off_the_loop_are_flushed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Start-up and worker threads have no loop: each line is flushed as it is written."""
     stream = CountingStream()

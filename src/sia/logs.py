@@ -96,19 +96,28 @@ class LineOutput:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._flush_pending_on: asyncio.AbstractEventLoop | None = None
+        self._pending_thread = 0
 
     def write(self, line: str) -> None:
         """Write one line (without its newline)."""
         stream = sys.stdout
         with self._lock:
             stream.write(line + "\n")
+        pending = self._flush_pending_on
+        if (
+            pending is not None
+            and self._pending_thread == threading.get_ident()
+            and not pending.is_closed()
+        ):
+            return  # this thread's loop flushes at its next turn
+        # On Python 3.11 get_running_loop() costs a getpid() system call, hence the check above.
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._flush(stream)
             return
-        if self._flush_pending_on is not loop:
-            self._flush_pending_on = loop
+        if pending is not loop:
+            self._flush_pending_on, self._pending_thread = loop, threading.get_ident()
             loop.call_soon(self._flush, stream)
 
     def _flush(self, stream: Any) -> None:

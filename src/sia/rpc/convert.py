@@ -13,7 +13,7 @@ from sia.errors import InvalidArgument
 from sia.validation import validate_request
 
 if TYPE_CHECKING:
-    from sia.domain import GeneratedImage, GenerationResult, ImageError, Task
+    from sia.domain import GenerationResult, ImageError, Task
     from sia.validation import Defaults
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -74,13 +74,21 @@ def sequential_request(
 
 
 def timestamp(value: datetime) -> Timestamp:
-    """A protobuf Timestamp for a timezone-aware datetime.
+    """A protobuf Timestamp for a timezone-aware datetime (see `set_timestamp`)."""
+    msg = Timestamp()
+    set_timestamp(msg, value)
+    return msg
+
+
+def set_timestamp(msg: Timestamp, value: datetime) -> None:
+    """Set `msg` to a timezone-aware datetime.
 
     Exact to the microsecond, from timedelta arithmetic: four times faster
     than `Timestamp.FromDatetime` (pure Python), and it runs on every response.
     """
     since = value - _EPOCH
-    return Timestamp(seconds=since.days * 86400 + since.seconds, nanos=since.microseconds * 1000)
+    msg.seconds = since.days * 86400 + since.seconds
+    msg.nanos = since.microseconds * 1000
 
 
 def error(value: ImageError) -> pb.Error:
@@ -88,30 +96,30 @@ def error(value: ImageError) -> pb.Error:
     return pb.Error(code=value.code, message=value.message)
 
 
-def image(value: GeneratedImage) -> pb.Image:
-    """The Image message for one generated image or its failure."""
-    if value.error is not None:
-        return pb.Image(index=value.index, error=error(value.error))
-    return pb.Image(
-        url=value.url,
-        data=value.data,
-        size=value.size,
-        content_type=value.content_type,
-        index=value.index,
-    )
-
-
 def generate_response(result: GenerationResult) -> pb.GenerateImageResponse:
     """The GenerateImageResponse for a result."""
-    return pb.GenerateImageResponse(
-        images=[image(i) for i in result.images],
-        usage=pb.Usage(
-            generated_images=result.usage.generated_images,
-            output_tokens=result.usage.output_tokens,
-        ),
-        model=result.model,
-        created_at=timestamp(result.created_at),
-    )
+    msg = pb.GenerateImageResponse()
+    _fill_response(msg, result)
+    return msg
+
+
+def _fill_response(msg: pb.GenerateImageResponse, result: GenerationResult) -> None:
+    # Filled in place: half the cost of building each part and copying it in.
+    msg.model = result.model
+    for value in result.images:
+        if value.error is not None:
+            msg.images.add(index=value.index, error=error(value.error))
+        else:
+            msg.images.add(
+                url=value.url,
+                data=value.data,
+                size=value.size,
+                content_type=value.content_type,
+                index=value.index,
+            )
+    msg.usage.generated_images = result.usage.generated_images
+    msg.usage.output_tokens = result.usage.output_tokens
+    set_timestamp(msg.created_at, result.created_at)
 
 
 def task_status(value: TaskStatus) -> pb.TaskStatus.ValueType:
@@ -122,16 +130,14 @@ def task_status(value: TaskStatus) -> pb.TaskStatus.ValueType:
 def task_response(task: Task) -> pb.GetImageTaskResponse:
     """The GetImageTaskResponse for a task."""
     msg = pb.GetImageTaskResponse(
-        task_id=task.id,
-        status=task_status(task.status),
-        created_at=timestamp(task.created_at),
-        updated_at=timestamp(task.updated_at),
-        request_id=task.request.request_id,
+        task_id=task.id, status=task_status(task.status), request_id=task.request.request_id
     )
+    set_timestamp(msg.created_at, task.created_at)
+    set_timestamp(msg.updated_at, task.updated_at)
     if task.result is not None:
-        msg.result.CopyFrom(generate_response(task.result))
+        _fill_response(msg.result, task.result)
     if task.error is not None:
-        msg.error.CopyFrom(error(task.error))
+        msg.error.code, msg.error.message = task.error.code, task.error.message
     if task.finished_at is not None:
-        msg.finished_at.CopyFrom(timestamp(task.finished_at))
+        set_timestamp(msg.finished_at, task.finished_at)
     return msg
