@@ -62,6 +62,7 @@ async def test_metrics_after_calls(
     method = 'grpc_method="GenerateImage",grpc_service="image.v1.ImageService",grpc_type="unary"'
     assert f'grpc_server_handled_total{{grpc_code="OK",{method}}} 1.0' in text
     assert f'grpc_server_handled_total{{grpc_code="INVALID_ARGUMENT",{method}}} 1.0' in text
+    assert 'grpc_code="DATA_LOSS"' not in text  # a series per code that occurred, no more
     assert f"grpc_server_started_total{{{method}}} 2.0" in text
     assert "grpc_server_handling_seconds_bucket{" in text
     assert 'grpc_server_in_flight_requests{grpc_method="GenerateImage"' in text

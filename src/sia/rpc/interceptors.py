@@ -77,10 +77,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         started = metrics.child(metrics.rpc_started, "unary", service, name)
         seconds = metrics.child(metrics.rpc_seconds, "unary", service, name)
         in_flight = metrics.child(metrics.rpc_in_flight, service, name)
-        handled = {  # by status code, looked up once here rather than per call
-            code: metrics.child(metrics.rpc_handled, "unary", service, name, code.name)
-            for code in grpc.StatusCode
-        }
+        handled: dict[grpc.StatusCode, Any] = {}  # series by status code, as they occur
         readiness = self.readiness
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -115,7 +112,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 elapsed = time.perf_counter() - start
                 in_flight.dec()
                 seconds.observe(elapsed)
-                handled[code].inc()
+                series = handled.get(code)
+                if series is None:
+                    labels = ("unary", service, name, code.name)
+                    series = handled[code] = metrics.child(metrics.rpc_handled, *labels)
+                series.inc()
                 access("rpc", method=method, code=code.name, duration_ms=round(elapsed * 1000, 3))
                 REQUEST_ID.reset(bound)
 
