@@ -47,3 +47,28 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
     for key in ("throughput", "latency", "large", "burst", "burst_rss_after", "async"):
         assert key in report["raw"]
     assert rows["6b"]["result"] == "skipped"  # the smoke run leaves Redis out
+
+
+@pytest.mark.timeout(90)
+def test_ab_runs_both_sides_and_reports_the_difference() -> None:
+    """`python -m bench.ab` with one pair and a short window prints both sides and B's delta."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGE_", "TASK_", "REDIS_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab", "--b-src", "src", "--b-env", "LOG_LEVEL=info",
+         "--pairs", "1", "--duration", "0.3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=80, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("A (this tree): CPU per call ")
+    assert lines[1].startswith("B: CPU per call ")
+    assert lines[2].startswith("B against A: CPU per call ")
+
+
+def test_ab_needs_a_side_b() -> None:
+    """Without --b-src or --b-env there is nothing to compare: a usage error."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.ab"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "give side B" in proc.stderr
