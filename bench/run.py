@@ -71,6 +71,9 @@ class Config:
     redis_url: str = "redis://127.0.0.1:6379/0"
     echo_uvloop: bool = False
     sia_env: tuple[tuple[str, str], ...] = ()  # extra settings for every `sia serve`
+    #: Scheduling niceness of the fake upstreams (19: they take only CPU that SIA and the
+    #: client leave idle, as an upstream on other machines would; 0: they compete).
+    upstream_nice: int = 0
     #: A repetition during which processes outside the benchmark used more than this many
     #: cores is measured again (at most `noisy_retries` times in a run).
     noisy_cores: float = 0.5
@@ -214,13 +217,18 @@ class Fleet:
         self.procs.append(proc)
         return proc
 
-    def fake(self, name: str, *, latency: float = 0.0, b64_bytes: int | None = None) -> Proc:
-        """A fake Ark upstream on a free port."""
+    def fake(
+        self, name: str, *, latency: float = 0.0, b64_bytes: int | None = None, nice: int = 0
+    ) -> Proc:
+        """A fake Ark upstream on a free port, at scheduling niceness `nice`."""
         argv = [sys.executable, "-m", "bench.fake_upstream", "--port", "0"]
         argv += ["--latency", str(latency)]
         if b64_bytes:
             argv += ["--b64-bytes", str(b64_bytes)]
-        return self.start(name, argv)
+        proc = self.start(name, argv)
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
+        return proc
 
     def sia(self, name: str, upstream: str, extra: dict[str, str], **settings: str) -> Proc:
         """`sia serve` on its defaults, but for loopback ports, data dir and upstream."""
@@ -325,8 +333,9 @@ class Bench:
     def _start(self) -> None:
         """Start the upstreams, the SIA servers, the client and the echo; wait until ready."""
         cfg = self.cfg
-        self.fast = self.fleet.fake("fake-fast", b64_bytes=cfg.large_image_bytes)
-        self.slow = self.fleet.fake("fake-slow", latency=cfg.slow_latency)
+        nice = cfg.upstream_nice
+        self.fast = self.fleet.fake("fake-fast", b64_bytes=cfg.large_image_bytes, nice=nice)
+        self.slow = self.fleet.fake("fake-slow", latency=cfg.slow_latency, nice=nice)
         fast_url = self.fast.wait_ready("fake_ark_listening")["base_url"]
         slow_url = self.slow.wait_ready("fake_ark_listening")["base_url"]
         self.fast_url = fast_url
@@ -995,6 +1004,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sia-env", action="append", default=[], metavar="NAME=VALUE",
         help="an environment variable for every SIA server (repeatable; to try a setting)",
     )  # fmt: skip
+    parser.add_argument(
+        "--upstream-nice", type=int, metavar="N",
+        help="run the fake upstreams at niceness N (19: they use only idle CPU)",
+    )  # fmt: skip
     parser.add_argument("--only", help="comma-separated targets to measure, e.g. 1,4")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles under this folder")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
@@ -1010,6 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
         "echo_uvloop": args.echo_uvloop or None,
         "only": tuple(args.only.split(",")) if args.only else None,
         "sia_env": tuple(tuple(a.split("=", 1)) for a in args.sia_env) or None,
+        "upstream_nice": args.upstream_nice,
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     stamp = datetime.now(UTC)

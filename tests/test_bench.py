@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.run import Fleet
+
 ROOT = Path(__file__).resolve().parent.parent
 ROW_IDS = {"1", "1f", "2", "3", "4a", "4b", "5a", "5b", "5c", "6a", "6b", "6c", "6d"}
 RESULTS = {"pass", "FAIL", "pending", "skipped", "info"}
@@ -72,3 +74,14 @@ def test_ab_needs_a_side_b() -> None:
     )
     assert proc.returncode == 2
     assert "give side B" in proc.stderr
+
+
+def test_fake_upstream_runs_at_the_niceness_asked(tmp_path: Path) -> None:
+    """`--upstream-nice N` starts the fake upstreams at niceness N."""
+    fleet = Fleet(tmp_path)
+    try:
+        fake = fleet.fake("fake", nice=10)
+        fake.wait_ready("fake_ark_listening")
+        assert os.getpriority(os.PRIO_PROCESS, fake.pid) == 10
+    finally:
+        fleet.stop()
