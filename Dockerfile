@@ -29,8 +29,9 @@ LABEL org.opencontainers.image.title="sia" \
 # bytecode is compiled at build time and nothing else writes outside DATA_DIR.
 # PYTHONMALLOC=malloc is what `sia serve` would re-execute itself with (see
 # sia/cli.py: freed heap goes back to the OS after a burst); set here, it starts once.
+# No PYTHONUNBUFFERED: the server flushes its log lines itself, once per event-loop
+# turn (sia/logs.py); unbuffered stdout would make every line its own write(2).
 ENV PATH=/opt/sia/bin:$PATH \
-    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONMALLOC=malloc \
     GRPC_PORT=8080 \
