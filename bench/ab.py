@@ -27,18 +27,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.run import GENERATE, PROMPT, RESULTS, SIZE, Client, Fleet, Proc, base_env
+from bench.run import (
+    GENERATE,
+    RESULTS,
+    Client,
+    Fleet,
+    Proc,
+    base_env,
+    grpc_target,
+    image_request,
+)
 
 CONCURRENCY = 64  # target 1's
 
 
 def measure(client: Client, proc: Proc, duration: float) -> dict[str, Any]:
     """One closed-loop measurement of `proc` at target 1's load."""
-    port = proc.ready.get("grpc_port") or proc.ready.get("port")
     return client.run(
-        "load", timeout=duration + 60, target=f"127.0.0.1:{port}", method=GENERATE,
-        server_pid=proc.pid, request={"prompt": PROMPT, "size": SIZE, "response_format": "URL"},
-        concurrency=CONCURRENCY, warmup=0.5, duration=duration,
+        "load", timeout=duration + 60, target=grpc_target(proc), method=GENERATE,
+        server_pid=proc.pid, request=image_request(), concurrency=CONCURRENCY, warmup=0.5,
+        duration=duration,
     )  # fmt: skip
 
 

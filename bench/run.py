@@ -147,6 +147,17 @@ class Proc:
                 self.popen.wait()
 
 
+def grpc_target(proc: Proc) -> str:
+    """The gRPC address a started server (SIA, echo or forwarder) listens on."""
+    port = proc.ready.get("grpc_port") or proc.ready.get("port")
+    return f"127.0.0.1:{port}"
+
+
+def image_request(fmt: str = "URL") -> dict[str, Any]:
+    """The GenerateImageRequest every measurement sends (as the client's JSON command)."""
+    return {"prompt": PROMPT, "size": SIZE, "response_format": fmt}
+
+
 class Client:
     """The load driver process: one JSON command in, one JSON result out."""
 
@@ -429,12 +440,16 @@ class Bench:
     def _start_echoes(self) -> list[Proc]:
         """Capture SIA's two answers, then start the echoes that return exactly those bytes."""
         small, large = self.scratch / "answer-url.bin", self.scratch / "answer-b64.bin"
-        target = self._target(self.sia)
+        target = grpc_target(self.sia)
         self.client.run(
-            "probe", target=target, method=GENERATE, request=self._req(), out=str(small)
+            "probe", target=target, method=GENERATE, request=image_request(), out=str(small)
         )
         self.client.run(
-            "probe", target=target, method=GENERATE, request=self._req("B64_JSON"), out=str(large)
+            "probe",
+            target=target,
+            method=GENERATE,
+            request=image_request("B64_JSON"),
+            out=str(large),
         )
         argv = [sys.executable, "-m", "bench.echo_server", "--small", str(small)]
         argv += ["--large", str(large)]
@@ -470,22 +485,13 @@ class Bench:
             reps.append(rep)
         return reps
 
-    @staticmethod
-    def _target(proc: Proc) -> str:
-        port = proc.ready.get("grpc_port") or proc.ready.get("port")
-        return f"127.0.0.1:{port}"
-
-    @staticmethod
-    def _req(fmt: str = "URL") -> dict[str, Any]:
-        return {"prompt": PROMPT, "size": SIZE, "response_format": fmt}
-
     def _load(self, proc: Proc, method: str, **args: Any) -> dict[str, Any]:
         cfg = self.cfg
         args.setdefault("warmup", cfg.warmup)
         args.setdefault("duration", cfg.duration)
         timeout = args["warmup"] + args["duration"] + 60
         return self.client.run(
-            "load", timeout=timeout, target=self._target(proc), method=method, server_pid=proc.pid,
+            "load", timeout=timeout, target=grpc_target(proc), method=method, server_pid=proc.pid,
             **args,
         )  # fmt: skip
 
@@ -495,8 +501,8 @@ class Bench:
         """Target 5: `burst_calls` calls at once against the slow upstream."""
         cfg, proc = self.cfg, self.sia_burst
         self.log(f"target 5: burst of {cfg.burst_calls} against a {cfg.slow_latency:g} s upstream")
-        target = self._target(proc)
-        common: dict[str, Any] = {"target": target, "method": GENERATE, "request": self._req()}
+        target = grpc_target(proc)
+        common: dict[str, Any] = {"target": target, "method": GENERATE, "request": image_request()}
         self.client.run("burst", calls=8, channels=cfg.burst_channels, **common)  # warm-up
         time.sleep(0.5)
         idle = rss(proc.pid)
@@ -560,9 +566,11 @@ class Bench:
                 echo_proc, "/bench.Echo/Small", response="GenerateImageResponse",
                 concurrency=cfg.concurrency,
             )  # fmt: skip
-            sia = self._load(sia_proc, GENERATE, request=self._req(), concurrency=cfg.concurrency)
+            sia = self._load(
+                sia_proc, GENERATE, request=image_request(), concurrency=cfg.concurrency
+            )
             floor = self._load(
-                self.forwarder, GENERATE, request=self._req(), concurrency=cfg.concurrency
+                self.forwarder, GENERATE, request=image_request(), concurrency=cfg.concurrency
             )
             return {"echo": echo, "sia": sia, "forwarder": floor}
 
@@ -636,7 +644,7 @@ class Bench:
                 headers={"Authorization": "Bearer fake-key"}, warmup=cfg.warmup,
                 timeout=cfg.warmup + cfg.latency_duration + 60, **args,
             )  # fmt: skip
-            sia = self._load(sia_proc, GENERATE, request=self._req(), **args)
+            sia = self._load(sia_proc, GENERATE, request=image_request(), **args)
             return {"echo": echo, "direct": direct, "sia": sia}
 
         reps = self._repeat("latency", measure)
@@ -671,7 +679,7 @@ class Bench:
             echo = self._load(
                 echo_proc, "/bench.Echo/Large", response="GenerateImageResponse", **args
             )
-            sia = self._load(sia_proc, GENERATE, request=self._req("B64_JSON"), **args)
+            sia = self._load(sia_proc, GENERATE, request=image_request("B64_JSON"), **args)
             return {"echo": echo, "sia": sia}
 
         reps = self._repeat("large", measure)
@@ -744,7 +752,7 @@ class Bench:
         cfg = self.cfg
         self.log(f"target 6: async tasks, {name}")
         workers = default_workers()
-        target = self._target(proc)
+        target = grpc_target(proc)
         e2e, direct = [], []
         for _ in range(cfg.reps):
             timeout = 60 + cfg.e2e_tasks * cfg.slow_latency
@@ -753,7 +761,7 @@ class Bench:
                     "e2e",
                     target=target,
                     tasks=cfg.e2e_tasks,
-                    request=self._req(),
+                    request=image_request(),
                     timeout=timeout + 10,
                 )
             )
@@ -762,13 +770,13 @@ class Bench:
                     "burst",
                     target=target,
                     method=GENERATE,
-                    request=self._req(),
+                    request=image_request(),
                     calls=cfg.e2e_tasks,
                     timeout=60,
                 )
             )
         submits = [
-            self._load(proc, SUBMIT, request=self._req(), concurrency=cfg.concurrency)
+            self._load(proc, SUBMIT, request=image_request(), concurrency=cfg.concurrency)
             for _ in range(cfg.reps)
         ]
         self.raw["async"][name] = {"e2e": e2e, "generate": direct, "submit": submits}
@@ -814,8 +822,8 @@ class Bench:
         self.profile.mkdir(parents=True, exist_ok=True)
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         cases = [
-            ("throughput", self._req(), self.cfg.concurrency),
-            ("large", self._req("B64_JSON"), self.cfg.large_concurrency),
+            ("throughput", image_request(), self.cfg.concurrency),
+            ("large", image_request("B64_JSON"), self.cfg.large_concurrency),
         ]
         for name, request, concurrency in cases:
             duration = max(5.0, self.cfg.duration)

@@ -37,8 +37,6 @@ from sia.domain import TaskStatus
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
-    from prometheus_client.metrics import MetricWrapperBase
-
     from sia.tasks.base import TaskStats
 
 # `*_created` series double the output and no dashboard of ours reads them.
@@ -224,19 +222,6 @@ class Metrics:
             ("version", "provider"),
             registry=r,
         )
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-    def child(self, metric: MetricWrapperBase | LoopMetric, *labels: str) -> Any:
-        """`metric.labels(*labels)`, looked up once per label set.
-
-        `labels()` takes a lock and validates and builds its key on every
-        call; the hot path (each RPC, each provider call) asks this instead.
-        """
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def set_task_stats(self, backend: str, stats: TaskStats) -> None:
         """Publish a task backend's counts by status and its queue's depth and age."""

@@ -149,24 +149,24 @@ class ImageService:
             async with timer:
                 result = await self.provider.generate(request, timeout=budget)
         except TimeoutError:
-            metrics.child(metrics.upstream_errors, provider, "TIMEOUT").inc()
+            metrics.upstream_errors.labels(provider, "TIMEOUT").inc()
             raise DeadlineExceeded(f"the generation did not finish within {budget:.3g} s") from None
         except asyncio.CancelledError:
             if time.perf_counter() - start >= budget:  # the caller's deadline passed
-                metrics.child(metrics.upstream_errors, provider, "TIMEOUT").inc()
+                metrics.upstream_errors.labels(provider, "TIMEOUT").inc()
             raise
         except SiaError as exc:
             code = exc.metadata.get("upstream_code", exc.reason)
-            metrics.child(metrics.upstream_errors, provider, code).inc()
+            metrics.upstream_errors.labels(provider, code).inc()
             raise
         finally:
             elapsed = time.perf_counter() - start
-            metrics.child(metrics.upstream_seconds, provider, request.model).observe(elapsed)
+            metrics.upstream_seconds.labels(provider, request.model).observe(elapsed)
         ok = sum(1 for image in result.images if image.ok)
         if ok:
-            metrics.child(metrics.images_generated, result.model, "success").inc(ok)
+            metrics.images_generated.labels(result.model, "success").inc(ok)
         if failed := len(result.images) - ok:
-            metrics.child(metrics.images_generated, result.model, "failure").inc(failed)
+            metrics.images_generated.labels(result.model, "failure").inc(failed)
         return result
 
     async def _store_bytes(self, result: GenerationResult) -> GenerationResult:

@@ -74,10 +74,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         service, _, name = method.lstrip("/").rpartition("/")
         guarded = service in GUARDED_SERVICES
         metrics = self.metrics
-        started = metrics.child(metrics.rpc_started, "unary", service, name)
-        seconds = metrics.child(metrics.rpc_seconds, "unary", service, name)
-        in_flight = metrics.child(metrics.rpc_in_flight, service, name)
-        handled: dict[grpc.StatusCode, Any] = {}  # series by status code, as they occur
+        started = metrics.rpc_started.labels("unary", service, name)
+        seconds = metrics.rpc_seconds.labels("unary", service, name)
+        in_flight = metrics.rpc_in_flight.labels(service, name)
         readiness = self.readiness
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -112,11 +111,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 elapsed = time.perf_counter() - start
                 in_flight.dec()
                 seconds.observe(elapsed)
-                series = handled.get(code)
-                if series is None:
-                    labels = ("unary", service, name, code.name)
-                    series = handled[code] = metrics.child(metrics.rpc_handled, *labels)
-                series.inc()
+                metrics.rpc_handled.labels("unary", service, name, code.name).inc()
                 access("rpc", method=method, code=code.name, duration_ms=round(elapsed * 1000, 3))
                 REQUEST_ID.reset(bound)
 
