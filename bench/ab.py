@@ -78,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         "--b-env", action="append", default=[], metavar="NAME=VALUE",
         help="an environment variable for side B's servers (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--b-python", default=sys.executable, metavar="PATH",
+        help="the interpreter that runs side B's servers (e.g. another venv's python)",
+    )  # fmt: skip
     parser.add_argument("--pairs", type=int, default=4, help="processes per side (default 4)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     args = parser.parse_args(argv)
-    if args.b_src is None and not args.b_env:
-        parser.error("give side B a --b-src, a --b-env, or both")
+    if args.b_src is None and not args.b_env and args.b_python == sys.executable:
+        parser.error("give side B a --b-src, a --b-env, a --b-python, or several")
 
     scratch = RESULTS / "tmp" / f"ab-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         sides: list[tuple[str, Proc]] = []
         for i in range(args.pairs):
             sides.append(("A", fleet.sia(f"a{i}", url, {})))
-            sides.append(("B", fleet.sia(f"b{i}", url, b_env)))
+            sides.append(("B", fleet.sia(f"b{i}", url, b_env, python=args.b_python)))
         client = Client(base_env(), scratch)
         for _, proc in sides:
             proc.wait_ready("server_ready")

@@ -241,8 +241,16 @@ class Fleet:
             os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
         return proc
 
-    def sia(self, name: str, upstream: str, extra: dict[str, str], **settings: str) -> Proc:
-        """`sia serve` on its defaults, but for loopback ports, data dir and upstream."""
+    def sia(
+        self,
+        name: str,
+        upstream: str,
+        extra: dict[str, str],
+        *,
+        python: str = sys.executable,
+        **settings: str,
+    ) -> Proc:
+        """`sia serve` (run by `python`) on its defaults, but for loopback ports, data dir, upstream."""
         env = base_env()
         env.update(
             GRPC_HOST="127.0.0.1",
@@ -257,7 +265,7 @@ class Fleet:
             **settings,
         )
         env.update(extra)
-        return self.start(name, [sys.executable, "-m", "sia", "serve"], env)
+        return self.start(name, [python, "-m", "sia", "serve"], env)
 
     def stop(self) -> None:
         """Stop every process, newest first."""

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -18,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
-from sia.rpc.server import server_options
+from sia.rpc.server import GenericHandlersOnly, server_options
 from tests.helpers import MakeSettings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -157,3 +158,21 @@ def test_server_options(make_settings: MakeSettings) -> None:
     assert options["grpc.server.max_pending_requests"] == 3000
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert options["grpc.http2.max_ping_strikes"] == 0
+
+
+def test_services_are_added_as_generic_handlers_only() -> None:
+    """GenericHandlersOnly passes the generated code's generic handlers on and drops its
+    registered methods (each would add a pending request that every call waits beside)."""
+    added: list[str] = []
+
+    class Recording:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            added.extend(handler.service_name() for handler in handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+            added.append(f"registered {service}")
+
+    registrar = cast("grpc.aio.Server", GenericHandlersOnly(cast("grpc.aio.Server", Recording())))
+    pb_grpc.add_ImageServiceServicer_to_server(pb_grpc.ImageServiceServicer(), registrar)
+    health_pb2_grpc.add_HealthServicer_to_server(health_pb2_grpc.HealthServicer(), registrar)
+    assert added == ["image.v1.ImageService", "grpc.health.v1.Health"]
