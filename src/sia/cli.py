@@ -34,10 +34,15 @@ log = get_logger("sia.cli")
 #: Seconds between two malloc_trim calls of `sia serve` (each takes under 20 ms).
 HEAP_TRIM_INTERVAL = 20.0
 #: Net container allocations between two young-generation collections (Python's default
-#: is 700). Thousands of calls in flight keep hundreds of thousands of objects alive:
-#: with 700, collections and the promotions they cause took 8.6 % of the CPU of a
-#: 2,000-call burst (perf, bench target 5); with 10,000, 4.5 %.
-GC_YOUNG_THRESHOLD = 10_000
+#: is 700). A call in flight holds some 50 to 100 tracked objects (tasks, coroutines,
+#: gRPC and aiohttp state), so a burst of 2,000 calls holds 100,000 to 200,000 of them
+#: while it waits on the upstream; below that, every collection traverses the burst
+#: again (bench target 5, 2-core VM: with 700 collections took 8.6 % of its CPU; with
+#: 10,000 warm bursts took 3.5 to 3.8 s and 2.4 s of CPU; with 200,000, 3.0 to 3.4 s and
+#: 1.6 to 2.2 s). Cyclic garbage (some 5 small objects per call, from grpc's interceptor
+#: path) waits for this threshold or for the full collection `sia serve` runs every
+#: HEAP_TRIM_INTERVAL; a young collection this size holds the event loop ~0.1 s.
+GC_YOUNG_THRESHOLD = 200_000
 
 
 def _serve(_: argparse.Namespace) -> int:
