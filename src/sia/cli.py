@@ -38,10 +38,10 @@ HEAP_TRIM_INTERVAL = 20.0
 #: gRPC and aiohttp state), so a burst of 2,000 calls holds 100,000 to 200,000 of them
 #: while it waits on the upstream; below that, every collection traverses the burst
 #: again (bench target 5, 2-core VM: with 700 collections took 8.6 % of its CPU; with
-#: 10,000 warm bursts took 3.5 to 3.8 s and 2.4 s of CPU; with 200,000, 3.0 to 3.4 s and
-#: 1.6 to 2.2 s). Cyclic garbage (some 5 small objects per call, from grpc's interceptor
-#: path) waits for this threshold or for the full collection `sia serve` runs every
-#: HEAP_TRIM_INTERVAL; a young collection this size holds the event loop ~0.1 s.
+#: 10,000 warm bursts took 3.5 to 3.8 s and 2.3 to 2.5 s of CPU; with 200,000, 2.9 to
+#: 3.4 s and 1.6 to 2.3 s). Cyclic garbage (some 5 small objects per call, from grpc's
+#: interceptor path) waits for this threshold or for the full collection `sia serve`
+#: runs every HEAP_TRIM_INTERVAL; a young collection this size holds the loop ~0.1 s.
 GC_YOUNG_THRESHOLD = 200_000
 
 
