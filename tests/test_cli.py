@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -38,3 +40,36 @@ def test_parser_knows_both_commands() -> None:
     parser = cli.build_parser()
     assert parser.parse_args(["serve"]).command == "serve"
     assert parser.parse_args(["fake-ark"]).command == "fake-ark"  # main() hands on its arguments
+
+
+@pytest.mark.parametrize("has_malloc_trim", [True, False])
+async def test_heap_upkeep_collects_garbage_with_or_without_malloc_trim(
+    monkeypatch: pytest.MonkeyPatch, has_malloc_trim: bool
+) -> None:
+    """The young threshold is only a backstop: the upkeep round's full collection frees
+    cyclic garbage on every platform, and trims the heap where glibc can."""
+    trims: list[int] = []
+    monkeypatch.setattr(cli, "HEAP_UPKEEP_INTERVAL", 0.01)
+    monkeypatch.setattr(cli, "malloc_trim", lambda: trims.append if has_malloc_trim else None)
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    gc.disable()  # only the upkeep may collect during the test
+    try:
+        garbage = weakref.ref(Cycle())  # unreachable at once, freed only by a collection
+        assert garbage() is not None
+
+        async def main() -> None:
+            for _ in range(200):
+                if garbage() is None and (trims or not has_malloc_trim):
+                    return
+                await asyncio.sleep(0.01)
+
+        await cli._heap_upkeep(main())
+    finally:
+        gc.enable()
+    assert garbage() is None
+    if has_malloc_trim:
+        assert trims and set(trims) == {0}  # malloc_trim(0) after the collection

@@ -1,9 +1,11 @@
 """The `sia` command: `sia serve` runs the service, `sia fake-ark` a fake upstream.
 
-`sia serve` runs on uvloop where it is installed, and on glibc it keeps its
-heap lean: it runs under PYTHONMALLOC=malloc (re-executing itself once, same
-PID, unless PYTHONMALLOC is set) and gives freed heap pages back to the OS
-every HEAP_TRIM_INTERVAL seconds with malloc_trim. Python's own allocator
+`sia serve` runs on uvloop where it is installed. The cyclic GC runs as a full
+collection every HEAP_UPKEEP_INTERVAL seconds rather than every few thousand
+allocations (see GC_YOUNG_THRESHOLD). On glibc it also keeps its heap lean: it
+runs under PYTHONMALLOC=malloc (re-executing itself once, same PID, unless
+PYTHONMALLOC is set) and gives freed heap pages back to the OS after each of
+those collections with malloc_trim. Python's own allocator
 keeps 1 MiB arenas that a few long-lived objects pin after a burst; in glibc's
 heap the pages around them can be returned. Measured with bench/ (2,000
 concurrent calls): RSS a minute later is 1.13x to 1.19x idle instead of 1.6x,
@@ -31,18 +33,21 @@ if TYPE_CHECKING:
 
 log = get_logger("sia.cli")
 
-#: Seconds between two malloc_trim calls of `sia serve` (each takes under 20 ms).
-HEAP_TRIM_INTERVAL = 20.0
-#: Net container allocations between two young-generation collections (Python's default
-#: is 700). A call in flight holds some 50 to 100 tracked objects (tasks, coroutines,
-#: gRPC and aiohttp state), so a burst of 2,000 calls holds 100,000 to 200,000 of them
-#: while it waits on the upstream; below that, every collection traverses the burst
-#: again (bench target 5, 2-core VM: with 700 collections took 8.6 % of its CPU; with
-#: 10,000 warm bursts took 3.5 to 3.8 s and 2.3 to 2.5 s of CPU; with 200,000, 2.9 to
-#: 3.4 s and 1.6 to 2.3 s). Cyclic garbage (some 5 small objects per call, from grpc's
-#: interceptor path) waits for this threshold or for the full collection `sia serve`
-#: runs every HEAP_TRIM_INTERVAL; a young collection this size holds the loop ~0.1 s.
-GC_YOUNG_THRESHOLD = 200_000
+#: Seconds between two rounds of heap upkeep: a full GC collection, then malloc_trim on
+#: glibc (under 20 ms). Cyclic garbage, some 5 small objects per call (grpc's interceptor
+#: path), lives until the next round: about 20 s of it, a few MiB at full load.
+HEAP_UPKEEP_INTERVAL = 20.0
+#: Net container allocations that start a young-generation collection between two rounds
+#: of upkeep (Python's default is 700): a backstop, not the schedule. A call in flight
+#: holds some 50 to 100 tracked objects (tasks, coroutines, gRPC and aiohttp state), so
+#: a burst of 2,000 calls holds 100,000 to 200,000 of them while it waits on the
+#: upstream, and any lower threshold traverses the burst again and again (bench target
+#: 5, 2-core VM: with 700 collections took 8.6 % of its CPU; with 10,000 warm bursts took
+#: 3.5 to 3.8 s and 2.3 to 2.5 s of CPU; with 200,000, which a burst could still reach on
+#: top of what earlier ones left, 2.9 to 3.8 s; with 500,000, 3.2 to 3.4 s, or 3.6 to 3.8 s
+#: when the periodic full collection falls inside one). A young collection this size
+#: would hold the event loop for about 0.3 s.
+GC_YOUNG_THRESHOLD = 500_000
 
 
 def _serve(_: argparse.Namespace) -> int:
@@ -61,7 +66,7 @@ def _serve(_: argparse.Namespace) -> int:
             message="no IMAGE_API_KEY set: images are rendered locally by the offline provider",
         )
     try:
-        run(_trimming_heap(serve(settings)))
+        run(_heap_upkeep(serve(settings)))
     except ConfigError as exc:
         log.error("startup_failed", error=exc.message)
         print(f"sia: configuration error: {exc.message}", file=sys.stderr)
@@ -111,26 +116,24 @@ def malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-async def _trimming_heap(main: Coroutine[Any, Any, None]) -> None:
-    """Await `main` while giving freed heap pages back to the OS now and then."""
+async def _heap_upkeep(main: Coroutine[Any, Any, None]) -> None:
+    """Await `main`; meanwhile collect cyclic garbage and give freed heap pages back."""
     trim = malloc_trim()
-    if trim is None:
-        await main
-        return
 
-    async def trim_forever() -> None:
+    async def upkeep_forever() -> None:
         while True:
-            await asyncio.sleep(HEAP_TRIM_INTERVAL)
+            await asyncio.sleep(HEAP_UPKEEP_INTERVAL)
             gc.collect()  # a full collection also empties the interpreter's free lists
-            await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL meanwhile
+            if trim is not None:
+                await asyncio.to_thread(trim, 0)  # ctypes lets go of the GIL meanwhile
 
-    trimmer = asyncio.create_task(trim_forever(), name="sia-heap-trim")
+    upkeep = asyncio.create_task(upkeep_forever(), name="sia-heap-upkeep")
     try:
         await main
     finally:
-        trimmer.cancel()
+        upkeep.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await trimmer
+            await upkeep
 
 
 def _exec_with_malloc_heap() -> None:
