@@ -42,6 +42,13 @@ def test_parser_knows_both_commands() -> None:
     assert parser.parse_args(["fake-ark"]).command == "fake-ark"  # main() hands on its arguments
 
 
+class Cycle:
+    """Garbage that only the cyclic GC frees."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
 @pytest.mark.parametrize("has_malloc_trim", [True, False])
 async def test_heap_upkeep_collects_garbage_with_or_without_malloc_trim(
     monkeypatch: pytest.MonkeyPatch, has_malloc_trim: bool
@@ -51,10 +58,6 @@ async def test_heap_upkeep_collects_garbage_with_or_without_malloc_trim(
     trims: list[int] = []
     monkeypatch.setattr(cli, "HEAP_UPKEEP_INTERVAL", 0.01)
     monkeypatch.setattr(cli, "malloc_trim", lambda: trims.append if has_malloc_trim else None)
-
-    class Cycle:
-        def __init__(self) -> None:
-            self.me = self
 
     gc.disable()  # only the upkeep may collect during the test
     try:
@@ -73,3 +76,38 @@ async def test_heap_upkeep_collects_garbage_with_or_without_malloc_trim(
     assert garbage() is None
     if has_malloc_trim:
         assert trims and set(trims) == {0}  # malloc_trim(0) after the collection
+
+
+@pytest.mark.parametrize("busy_for", [0.15, 1.0])
+async def test_heap_upkeep_waits_while_many_calls_are_in_flight(
+    monkeypatch: pytest.MonkeyPatch, busy_for: float
+) -> None:
+    """A round due during a burst waits for it to pass (a full collection would walk
+    every waiting call), but not longer than one more interval."""
+    monkeypatch.setattr(cli, "HEAP_UPKEEP_INTERVAL", 0.1)
+    monkeypatch.setattr(cli, "UPKEEP_BUSY_POLL", 0.01)
+    monkeypatch.setattr(cli, "UPKEEP_BUSY_TASKS", 20)
+    monkeypatch.setattr(cli, "malloc_trim", lambda: None)
+    collected_at: list[float] = []
+
+    gc.disable()
+    try:
+        garbage = weakref.ref(Cycle())
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def main() -> None:
+            in_flight = [asyncio.create_task(asyncio.sleep(busy_for)) for _ in range(30)]
+            while garbage() is not None and loop.time() - start < 2:
+                await asyncio.sleep(0.005)
+            collected_at.append(loop.time() - start)
+            await asyncio.gather(*in_flight)
+
+        await cli._heap_upkeep(main())
+    finally:
+        gc.enable()
+    assert garbage() is None
+    if busy_for < 0.2:  # the burst ended within the round's patience: collected after it
+        assert busy_for <= collected_at[0] < 0.9
+    else:  # still busy: collected once the round has waited one more interval
+        assert 0.2 <= collected_at[0] < 0.9
