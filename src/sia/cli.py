@@ -51,7 +51,7 @@ UPKEEP_BUSY_POLL = 0.5
 #: 5, 2-core VM: with 700 collections took 8.6 % of its CPU; with 10,000 warm bursts took
 #: 3.5 to 3.8 s and 2.3 to 2.5 s of CPU; with 200,000, which a burst could still reach on
 #: top of what earlier ones left, 2.9 to 3.8 s; with 500,000 and upkeep rounds that wait
-#: for bursts to pass, 3.0 to 3.3 s and 1.7 to 2.1 s). A young collection this size would
+#: for bursts to pass, 3.0 to 3.4 s and 1.7 to 2.1 s). A young collection this size would
 #: hold the event loop for about 0.3 s.
 GC_YOUNG_THRESHOLD = 500_000
 
