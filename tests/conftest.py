@@ -3,7 +3,7 @@ running app, and a real gRPC channel to it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
 from sia.config import Settings
-from sia.logs import configure_logging
+from sia.logs import OUTPUT, configure_logging
 from tests.helpers import TEST_SIZE, MakeSettings
 
 
@@ -21,6 +21,13 @@ from tests.helpers import TEST_SIZE, MakeSettings
 def _quiet_logs() -> None:
     """JSON logs at warning level, as in production but less chatty."""
     configure_logging("warning", "json", cache=False)
+
+
+@pytest.fixture(autouse=True)
+def _flush_log_lines() -> Iterator[None]:
+    """Log lines still waiting for their loop's flush leave with the test that wrote them."""
+    yield
+    OUTPUT.flush()
 
 
 @pytest.fixture

@@ -12,15 +12,28 @@ import pytest
 import structlog
 
 from sia import logs
-from sia.logs import REQUEST_ID, AccessLog, LineOutput, configure_logging, get_logger
+from sia.logs import (
+    FLUSH_INTERVAL,
+    OUTPUT,
+    REQUEST_ID,
+    AccessLog,
+    LineOutput,
+    configure_logging,
+    get_logger,
+)
 
 
 class CountingStream(io.StringIO):
-    """A text stream that counts its flushes."""
+    """A text stream that counts its writes and flushes."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.writes = 0
         self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -43,20 +56,41 @@ def test_timestamp_is_iso_utc_with_microseconds(
     assert parsed.tzinfo == UTC
 
 
-async def test_lines_of_one_iteration_are_flushed_together(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a loop, lines written in one iteration leave with one flush in the next."""
+async def test_lines_on_a_loop_are_written_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a loop, lines written within FLUSH_INTERVAL leave in one write and one flush, even
+    across iterations and when stdout itself writes through (PYTHONUNBUFFERED=1)."""
     stream = CountingStream()
     monkeypatch.setattr("sys.stdout", stream)
     output = LineOutput()
     for n in range(3):
         output.write(f'{{"n":{n}}}')
-    assert stream.flushes == 0
-    await asyncio.sleep(0)
-    assert stream.flushes == 1
+        await asyncio.sleep(0)
+    assert (stream.writes, stream.flushes) == (0, 0)
+    await asyncio.sleep(FLUSH_INTERVAL * 2)  # a later timer: the flush's fires first
+    assert (stream.writes, stream.flushes) == (1, 1)
     assert [json.loads(line)["n"] for line in stream.getvalue().splitlines()] == [0, 1, 2]
     output.write('{"n":3}')
-    await asyncio.sleep(0)
-    assert stream.flushes == 2
+    await asyncio.sleep(FLUSH_INTERVAL * 2)
+    assert (stream.writes, stream.flushes) == (2, 2)
+
+
+def test_lines_left_waiting_by_a_closed_loop_leave_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What flush() does at exit: lines whose loop closed before their flush go out."""
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    output = LineOutput()
+
+    async def write() -> None:
+        output.write('{"n":1}')
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(write())
+    finally:
+        loop.close()
+    assert stream.getvalue() == ""
+    output.flush()  # registered with atexit
+    assert stream.getvalue() == '{"n":1}\n'
 
 
 def test_a_flush_left_on_a_closed_loop_does_not_strand_lines(
@@ -79,7 +113,7 @@ def test_a_flush_left_on_a_closed_loop_does_not_strand_lines(
     second = asyncio.new_event_loop()
     try:
         second.run_until_complete(write('{"n":2}'))
-        second.run_until_complete(asyncio.sleep(0))
+        second.run_until_complete(asyncio.sleep(FLUSH_INTERVAL * 2))
     finally:
         second.close()
     assert stream.flushes == 1
@@ -93,7 +127,7 @@ def test_lines_off_the_loop_are_flushed_at_once(monkeypatch: pytest.MonkeyPatch)
     output = LineOutput()
     output.write('{"a":1}')
     output.write('{"a":2}')
-    assert stream.flushes == 2
+    assert (stream.writes, stream.flushes) == (2, 2)
     assert stream.getvalue() == '{"a":1}\n{"a":2}\n'
 
 
@@ -104,7 +138,7 @@ async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixtu
         log = get_logger("sia.test")
         with structlog.contextvars.bound_contextvars(task_id="t-1"):
             log.info("hello", n=1, api_key="sk-secret")
-        await asyncio.sleep(0)
+        OUTPUT.flush()
     finally:
         configure_logging("warning", "json", cache=False)
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
