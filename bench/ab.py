@@ -31,6 +31,7 @@ from bench.run import (
     GENERATE,
     RESULTS,
     Client,
+    Config,
     Fleet,
     Proc,
     base_env,
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     fleet = Fleet(scratch)
     client: Client | None = None
     try:
-        fake = fleet.fake("fake-fast")
+        fake = fleet.fake("fake-fast", nice=Config().upstream_nice)  # as make bench runs it
         url = fake.wait_ready("fake_ark_listening")["base_url"]
         b_env = side_env(args.b_src, args.b_env)
         sides: list[tuple[str, Proc]] = []

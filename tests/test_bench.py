@@ -37,10 +37,12 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| # | measure |" in proc.stdout
+    assert "fake upstreams at niceness 19" in proc.stdout
 
     report = json.loads(out.read_text())
     assert report["schema"] == 1
     assert {"nproc", "cpu", "memory_gib", "python"} <= report["machine"].keys()
+    assert report["config"]["upstream_nice"] == 19  # the upstream takes only idle CPU
     rows = {row["id"]: row for row in report["rows"]}
     assert rows.keys() == ROW_IDS
     for row in rows.values():

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 log = get_logger("sia.cli")
 
 #: Seconds between two rounds of heap upkeep: a full GC collection, then malloc_trim on
-#: glibc (under 20 ms). Cyclic garbage, 5 small objects per call (grpc's interceptor
-#: path, roughly 400 bytes), lives until the next round: 8 MiB at 1,000 calls/s.
+#: glibc (under 20 ms). Cyclic garbage, 5 small objects per call (grpc.aio's handler
+#: lookup, `_find_method_handler`, interceptors or not; roughly 400 bytes), lives until
+#: the next round: 8 MiB at 1,000 calls/s.
 HEAP_UPKEEP_INTERVAL = 20.0
 #: While more asyncio tasks than this are alive (a burst in flight: gRPC keeps two per
 #: call), an upkeep round waits, looking again every UPKEEP_BUSY_POLL seconds, for up to
