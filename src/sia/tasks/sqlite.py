@@ -325,8 +325,8 @@ class SqliteTaskBackend:
         A safety net, one look per interval in all: every task this process
         queues wakes a worker itself, and a worker that finds nothing waits
         for a wake-up instead of polling (sixteen idle workers polling each
-        second showed as 1.7 % of a busy server's event loop, and every submit
-        woke all of them).
+        second were in 1.7 % of a busy server's event-loop samples, and every
+        submit woke all of them).
         """
         while True:
             await asyncio.sleep(_POLL_SECONDS)
