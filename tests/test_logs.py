@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import time
 from datetime import UTC, datetime
 
@@ -120,6 +121,31 @@ def test_a_flush_left_on_a_closed_loop_does_not_strand_lines(
     assert stream.getvalue() == '{"n":1}\n{"n":2}\n'
 
 
+async def test_a_broken_stdout_loses_lines_but_fails_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broken pipe on stdout (the log collector gone) neither raises into the caller nor
+    into the loop; lines written once stdout works again go out."""
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+
+    class Broken(CountingStream):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Broken())
+    output = LineOutput()
+    output.write('{"n":1}')
+    await asyncio.sleep(FLUSH_INTERVAL * 2)
+    output.flush()
+    assert errors == []
+    stream = CountingStream()
+    monkeypatch.setattr("sys.stdout", stream)
+    output.write('{"n":2}')
+    await asyncio.sleep(FLUSH_INTERVAL * 2)
+    assert stream.getvalue() == '{"n":2}\n'
+
+
 def test_lines_off_the_loop_are_flushed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Start-up and worker threads have no loop: each line is flushed as it is written."""
     stream = CountingStream()
@@ -146,6 +172,25 @@ async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixtu
     assert line["level"] == "info" and line["logger"] == "sia.test"
     assert line["api_key"] == "***"
     assert line["timestamp"].endswith("Z")
+
+
+async def test_standard_library_lines_share_the_output_and_its_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """grpc's, aiohttp's and asyncio's records (the standard library's loggers) are rendered
+    like ours and leave through the same output, in the order they were written."""
+    configure_logging("info", "json", cache=False)
+    try:
+        get_logger("sia.test").info("first")
+        logging.getLogger("aiohttp.client").warning("second %s", "arg")
+        get_logger("sia.test").info("third")
+        assert capsys.readouterr().out == ""  # all three wait for the flush
+        await asyncio.sleep(FLUSH_INTERVAL * 2)
+    finally:
+        configure_logging("warning", "json", cache=False)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [line["event"] for line in lines] == ["first", "second arg", "third"]
+    assert lines[1]["logger"] == "aiohttp.client" and lines[1]["level"] == "warning"
 
 
 def _lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:

@@ -3,8 +3,8 @@
 The id of the RPC being served (`REQUEST_ID`, set by the gRPC interceptor)
 and the task ids that task runners bind with `bound_contextvars` appear on
 every line logged meanwhile. Standard-library loggers (grpc, aiohttp,
-asyncio) go through the same renderer, so the whole process speaks one
-format. The one access line per RPC (`AccessLog`) is rendered without the
+asyncio) go through the same renderer and the same output, so the whole
+process speaks one format, in order. The one access line per RPC (`AccessLog`) is rendered without the
 processor chain, to the same shape.
 
 Lines written on an event loop leave together every 10 ms rather than one
@@ -140,9 +140,21 @@ class LineOutput:
             text = "\n".join(self._waiting) + "\n"
             self._waiting.clear()
             stream = sys.stdout
-            with contextlib.suppress(ValueError):  # closed meanwhile (tests swap stdout)
+            # Closed (tests swap stdout) or broken (a log collector gone): the lines are
+            # lost, but a log line never fails the call that wrote it.
+            with contextlib.suppress(ValueError, OSError):
                 stream.write(text)
                 stream.flush()
+
+
+class _OutputHandler(logging.Handler):
+    """The standard library's records, rendered by structlog, out through the same LineOutput."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            OUTPUT.write(self.format(record))
+        except Exception:  # logging's own convention: report, never raise
+            self.handleError(record)
 
 
 class _LineLogger:
@@ -251,7 +263,7 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
         cache_logger_on_first_use=cache,
     )
 
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _OutputHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
