@@ -4,8 +4,8 @@ The id of the RPC being served (`REQUEST_ID`, set by the gRPC interceptor)
 and the task ids that task runners bind with `bound_contextvars` appear on
 every line logged meanwhile. Standard-library loggers (grpc, aiohttp,
 asyncio) go through the same renderer and the same output, so the whole
-process speaks one format, in order. The one access line per RPC (`AccessLog`) is rendered without the
-processor chain, to the same shape.
+process speaks one format, in order. The one access line per RPC
+(`AccessLog`) is rendered without the processor chain, to the same shape.
 
 Lines written on an event loop leave together every 10 ms rather than one
 by one (`LineOutput`): under load one write(2) carries the access lines of
