@@ -137,7 +137,7 @@ def task_response(task: Task) -> pb.GetImageTaskResponse:
     if task.result is not None:
         _fill_response(msg.result, task.result)
     if task.error is not None:
-        msg.error.code, msg.error.message = task.error.code, task.error.message
+        msg.error.CopyFrom(error(task.error))
     if task.finished_at is not None:
         set_timestamp(msg.finished_at, task.finished_at)
     return msg

@@ -276,8 +276,6 @@ class SqliteTaskBackend:
             await self._drained.wait()
             return
         self._draining = True
-        if self._poller is not None:
-            self._poller.cancel()  # _drain() waits for it
         for _ in range(self.workers):
             self._nudge()  # idle workers wake, see the flag and leave
         try:
@@ -287,6 +285,7 @@ class SqliteTaskBackend:
 
     async def _drain(self, grace: float) -> None:
         if self._poller is not None:
+            self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         workers = self._worker_tasks
         if workers:
