@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 
+from sia import service
 from sia.app import App
-from sia.domain import GenerationRequest, GenerationResult, TaskStatus
+from sia.domain import GenerationRequest, GenerationResult, TaskStatus, utcnow
 from sia.errors import DeadlineExceeded, TaskNotFound
 from sia.models import ARK_MODELS
+from sia.providers.ark import ArkProvider
 from tests.helpers import TEST_SIZE, MakeSettings
+from tests.providers.scripted import Reply, ScriptedClient
+
+#: How long a test waits for a timer set to fire well within it, before it fails.
+GUARD = 5.0
 
 
-async def test_sweep_deletes_expired_tasks_and_images(make_settings: MakeSettings) -> None:
+async def test_sweep_deletes_expired_tasks_and_images(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Finished tasks and stored images older than TASK_RETENTION are deleted; newer ones stay."""
     async with App(make_settings(task_retention=2)) as app:
         request = GenerationRequest(prompt="x", model="doubao-seedream-4-0-250828", size=TEST_SIZE)
@@ -26,7 +35,8 @@ async def test_sweep_deletes_expired_tasks_and_images(make_settings: MakeSetting
         await app.service.sweep()
         assert (await app.service.get_task(task.id)).status is TaskStatus.SUCCEEDED
 
-        await asyncio.sleep(2.1)
+        later = utcnow() + timedelta(seconds=3)  # past the retention of both, without waiting
+        monkeypatch.setattr(service, "utcnow", lambda: later)
         await app.service.sweep()
         with pytest.raises(TaskNotFound):
             await app.service.get_task(task.id)
@@ -81,14 +91,36 @@ async def test_caller_timeout_is_left_to_the_caller(make_settings: MakeSettings)
         assert _timeouts(app) == 1
 
 
+async def _deadline(app: App, caller_timeout: float | None) -> DeadlineExceeded | None:
+    """The DeadlineExceeded a generation that never answers ends with; None if GUARD ran out."""
+    try:
+        async with asyncio.timeout(GUARD):
+            await app.service.generate(_request(), caller_timeout=caller_timeout)
+    except DeadlineExceeded as exc:
+        return exc
+    except TimeoutError:
+        return None  # the guard's: the service set no timer, or it did not fire
+    raise AssertionError("a provider that never answers produced a result")
+
+
 async def test_image_timeout_sooner_than_the_caller_is_enforced(
     make_settings: MakeSettings,
 ) -> None:
     """IMAGE_TIMEOUT before the caller's time (or with none) ends the call as DeadlineExceeded."""
     async with App(make_settings(image_timeout=0.2), provider=HangingProvider()) as app:
         for caller_timeout in (10.0, None):
-            start = asyncio.get_running_loop().time()
-            with pytest.raises(DeadlineExceeded, match=r"within 0\.2 s"):
-                await app.service.generate(_request(), caller_timeout=caller_timeout)
-            assert asyncio.get_running_loop().time() - start < 1.5
+            ended = await _deadline(app, caller_timeout)
+            assert isinstance(ended, DeadlineExceeded), f"IMAGE_TIMEOUT did not fire: {ended!r}"
+            assert "within 0.2 s" in ended.message
         assert _timeouts(app) == 2
+
+
+async def test_image_timeout_ends_a_hanging_ark_call(make_settings: MakeSettings) -> None:
+    """The Ark provider sets no timer of its own: IMAGE_TIMEOUT ends its hanging call."""
+    client = ScriptedClient(Reply(hang=True))
+    provider = ArkProvider("http://ark.invalid", "k", client=client)
+    async with App(make_settings(image_timeout=0.2), provider=provider) as app:
+        ended = await _deadline(app, None)
+        assert isinstance(ended, DeadlineExceeded), f"IMAGE_TIMEOUT did not fire: {ended!r}"
+        assert len(client.sent) == 1  # ended, not retried
+        assert _timeouts(app) == 1

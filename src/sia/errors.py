@@ -159,6 +159,11 @@ class Retryable:
     final: bool = False
 
 
+def retryable(exc: BaseException) -> bool:
+    """True for an error another attempt may fix (rate limits and transient failures)."""
+    return isinstance(exc, Retryable) and not exc.final
+
+
 class UpstreamRateLimited(Retryable, ResourceExhausted):
     """The provider's rate limit was hit and retries did not get through."""
 

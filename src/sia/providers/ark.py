@@ -1,6 +1,6 @@
 """The `ark` provider: Volcengine Ark's image generation API (Seedream, SeedEdit).
 
-It follows shared/ark-api.md field by field:
+It follows the "Ark wire notes" of docs/providers.md field by field:
 
 - one `POST {IMAGE_BASE_URL}/api/v3/images/generations` per attempt, with the
   API key as a bearer token and our request id as `X-Client-Request-Id`;
@@ -34,12 +34,15 @@ from sia.errors import (
 )
 from sia.logs import get_logger
 from sia.models import ARK_MODELS, parse_dimensions
-from sia.providers.upstream import (
+from sia.providers.http import (
     HttpProvider,
-    SSEParser,
+    bad_answer,
     decode_b64_image,
-    parse_retry_after,
+    error_object,
+    json_object,
+    with_retry_after,
 )
+from sia.providers.sse import SSEParser
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
@@ -96,16 +99,17 @@ class ArkProvider(HttpProvider):
     ) -> GenerationResult:
         # One path for single images and groups: a group answers text/event-stream, and
         # a single image may too (tolerated), so the body is read as the answer says.
-        async with self._upstream.stream(PATH, body, headers) as answer:
+        async with self._client.stream(PATH, body, headers) as answer:
             if answer.status >= 400:
                 raise upstream_error(answer.status, await answer.read(), answer.headers)
             if answer.content_type == "text/event-stream":
                 return await _read_stream(answer.chunks(), answer.headers, request)
-            return parse_result(_loads(await answer.read(), answer.status), request)
+            payload = json_object(await answer.read(), answer.status, PROVIDER, final=False)
+            return parse_result(payload, request)
 
 
 def request_body(request: GenerationRequest, spec: ModelSpec) -> dict[str, Any]:
-    """The JSON body Ark expects for `request` (shared/ark-api.md section 1)."""
+    """The JSON body Ark expects for `request` (docs/providers.md, "Ark wire notes")."""
     body: dict[str, Any] = {
         "model": request.model,
         "prompt": request.prompt,
@@ -193,9 +197,9 @@ async def _read_stream(
             error=exc.metadata.get("upstream_code", ""),
         )
     except orjson.JSONDecodeError as exc:
-        raise _bad_answer("a stream event is not JSON", images) from exc
+        raise bad_answer(PROVIDER, "a stream event is not JSON", final=bool(images)) from exc
     if not images:
-        raise _bad_answer("the stream ended without images", images)
+        raise bad_answer(PROVIDER, "the stream ended without images", final=False)
     ordered = tuple(images[i] for i in sorted(images))
     return GenerationResult(model=model, images=ordered, usage=_usage(usage, ordered))
 
@@ -236,44 +240,11 @@ def _usage(raw: Any, images: tuple[GeneratedImage, ...]) -> Usage:
     return Usage(len(ok), pixels // 256)
 
 
-def _loads(raw: bytes, status: int) -> Mapping[str, Any]:
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        payload = None
-    if not isinstance(payload, dict):
-        raise UpstreamUnavailable(
-            f"the ark provider answered HTTP {status} with a body that is not a JSON object",
-            metadata={"provider": PROVIDER, "upstream_code": "BadResponse"},
-        )
-    return payload
-
-
-def _bad_answer(what: str, images: Mapping[int, GeneratedImage]) -> UpstreamUnavailable:
-    exc = UpstreamUnavailable(
-        f"the ark provider's answer was unusable: {what}",
-        metadata={"provider": PROVIDER, "upstream_code": "BadResponse"},
-    )
-    exc.final = bool(images)
-    return exc
-
-
 def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> SiaError:
-    """The error-tree exception for an Ark error answer (shared/ark-api.md section 4)."""
-    try:
-        body = orjson.loads(raw)
-        error = body.get("error") if isinstance(body, dict) else None
-    except orjson.JSONDecodeError:
-        error = None
-    if not isinstance(error, dict):
-        error = {"code": f"HTTP{status}", "message": raw[:200].decode("utf-8", "replace")}
+    """The error-tree exception for an Ark error answer (docs/providers.md, "Ark wire notes")."""
+    error = error_object(raw, code=f"HTTP{status}")
     exc = _from_error_body(status, error, headers.get("X-Request-Id", ""))
-    retry_after = parse_retry_after(headers.get("Retry-After"))
-    if retry_after is not None and isinstance(exc, UpstreamRateLimited | UpstreamUnavailable):
-        exc.upstream_retry_after = retry_after
-        if isinstance(exc, UpstreamRateLimited):
-            exc.retry_after = max(retry_after, 0.001)
-    return exc
+    return with_retry_after(exc, headers)
 
 
 def _from_error_body(status: int, error: Mapping[str, Any], request_id: str) -> SiaError:

@@ -1,6 +1,6 @@
 """The `openai` provider: OpenAI's Images API (gpt-image-1, gpt-image-1-mini, DALL-E).
 
-It follows shared/ark-api.md section 6:
+It follows the "OpenAI wire notes" of docs/providers.md:
 
 - one `POST {IMAGE_BASE_URL}/v1/images/generations` per attempt, with the API
   key as a bearer token and our request id as `X-Client-Request-Id`;
@@ -31,10 +31,13 @@ from sia.errors import (
     UpstreamUnavailable,
 )
 from sia.models import ModelSpec, parse_dimensions
-from sia.providers.upstream import (
+from sia.providers.http import (
     HttpProvider,
+    bad_answer,
     decode_b64_image,
-    parse_retry_after,
+    error_object,
+    json_object,
+    with_retry_after,
 )
 
 if TYPE_CHECKING:
@@ -101,10 +104,12 @@ class OpenAIProvider(HttpProvider):
     async def _attempt(
         self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
     ) -> GenerationResult:
-        answer = await self._upstream.fetch(PATH, body, headers)
+        answer = await self._client.fetch(PATH, body, headers)
         if answer.status >= 400:
             raise upstream_error(answer.status, answer.body, answer.headers, secret=self._secret)
-        return parse_result(_loads(answer.body, answer.status), request)
+        # The images of an unreadable answer may already be billed: do not pay for them twice.
+        payload = json_object(answer.body, answer.status, PROVIDER, final=True)
+        return parse_result(payload, request)
 
 
 def request_body(request: GenerationRequest) -> dict[str, Any]:
@@ -126,7 +131,7 @@ def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> Gene
     """The result of a successful answer."""
     items = payload.get("data")
     if not isinstance(items, list):
-        raise _bad_answer("it has no `data` list")
+        raise bad_answer(PROVIDER, "it has no `data` list", final=True)
     size = next(
         (s for s in (str(payload.get("size") or ""), request.size) if parse_dimensions(s)), ""
     )
@@ -183,36 +188,11 @@ def image_size(data: bytes) -> str:
     return f"{width}x{height}"
 
 
-def _loads(raw: bytes, status: int) -> Mapping[str, Any]:
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        payload = None
-    if not isinstance(payload, dict):
-        raise _bad_answer(f"HTTP {status} with a body that is not a JSON object")
-    return payload
-
-
-def _bad_answer(what: str) -> UpstreamUnavailable:
-    exc = UpstreamUnavailable(
-        f"the openai provider's answer was unusable: {what}",
-        metadata={"provider": PROVIDER, "upstream_code": "BadResponse", "upstream_request_id": ""},
-    )
-    exc.final = True  # the images may already be billed; do not pay for them twice
-    return exc
-
-
 def upstream_error(
     status: int, raw: bytes, headers: Mapping[str, str], *, secret: str = ""
 ) -> SiaError:
     """The error-tree exception for an OpenAI error answer; `secret` is masked in messages."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        body = None
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
-        error = {"message": raw[:200].decode("utf-8", "replace")}
+    error = error_object(raw)
     code = str(error.get("code") or "")
     kind = str(error.get("type") or "")
     message = str(error.get("message") or "").strip() or f"HTTP {status}"
@@ -235,16 +215,12 @@ def upstream_error(
             "(the server is misconfigured; not your request)",
             metadata=meta,
         )
-    retry_after = parse_retry_after(headers.get("Retry-After"))
     if status == 429:
-        exc = UpstreamRateLimited(
+        limited = UpstreamRateLimited(
             f"the openai provider is rate limiting this service ({code or status}); retry later",
             metadata=meta,
         )
-        exc.upstream_retry_after = retry_after
-        if retry_after is not None:
-            exc.retry_after = max(retry_after, 0.001)
-        return exc
+        return with_retry_after(limited, headers)
     if 400 <= status < 500 and status != 408:
         if code in CONTENT_CODES:
             return UpstreamRejected(
@@ -262,5 +238,4 @@ def upstream_error(
         f"the openai provider failed (HTTP {status}, {code or kind or 'no code'}); retry later",
         metadata=meta,
     )
-    failed.upstream_retry_after = retry_after
-    return failed
+    return with_retry_after(failed, headers)

@@ -1,18 +1,17 @@
-"""`sia.providers.upstream.Upstream` against a scripted loopback server."""
+"""`sia.providers.client.Upstream` against a scripted loopback server."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 
 from sia.errors import UpstreamUnavailable
-from sia.providers.upstream import Upstream, decode_b64_image
+from sia.providers.client import Upstream
+from tests.waiting import until
 
 #: The request's bytes -> the answer; None: hang up without one; (answer, True): then hang up.
 Reply = Callable[[bytes], bytes | tuple[bytes, bool] | None]
@@ -194,11 +193,11 @@ async def test_cancelling_a_call_closes_its_connection() -> None:
     client = upstream(f"http://127.0.0.1:{port}")
     try:
         call = asyncio.create_task(client.fetch("/gen", b"{}", {}))
-        await asyncio.wait_for(arrived.wait(), 5)
+        await until(arrived.is_set, "the request never arrived", timeout=5)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await asyncio.wait_for(closed.wait(), 5)  # the upstream sees the disconnect
+        await until(closed.is_set, "the upstream did not see the disconnect", timeout=5)
     finally:
         await client.aclose()
         server.close()
@@ -209,17 +208,3 @@ def test_repr_hides_the_credentials() -> None:
     client = upstream("http://127.0.0.1:9")
     assert "sk-secret" not in repr(client)
     assert repr(client) == "Upstream(provider='test', base_url='http://127.0.0.1:9')"
-
-
-def test_b64_images_decode_canonical_and_line_broken_base64() -> None:
-    """Canonical base64 (the fast path) and base64 with line breaks give the same bytes."""
-    data = os.urandom(300_001)
-    text = base64.b64encode(data).decode()
-    assert decode_b64_image(text) == data
-    assert decode_b64_image(base64.encodebytes(data).decode()) == data  # 76-column lines
-
-
-@pytest.mark.parametrize("text", ["abc", "not base64 at all!", "ab=c", "é" * 8])
-def test_b64_images_refuse_what_is_not_base64(text: str) -> None:
-    with pytest.raises(ValueError):  # binascii.Error is one
-        decode_b64_image(text)

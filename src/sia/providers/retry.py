@@ -1,0 +1,85 @@
+"""The retry policy of upstream calls: backoff with jitter, Retry-After, a deadline.
+
+`call_with_retries` runs one attempt after another for retryable errors only
+(`sia.errors.retryable`: rate limits and transient failures, never a 4xx the
+caller caused), waits what the provider's `Retry-After` asks or else an
+exponential backoff with full jitter, and gives up rather than wait past the
+deadline. A library (tenacity, stamina) would spread these three rules over
+its stop, wait and retry predicates; the loop states them in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sia.errors import SiaError, retryable
+from sia.logs import get_logger
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = get_logger("sia.providers")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter: attempt n waits U(0, min(cap, base * 2**n))."""
+
+    max_retries: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (0-based)."""
+        if retry_after is not None:
+            return retry_after
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))  # noqa: S311 - jitter, not crypto
+
+
+async def call_with_retries(
+    attempt: Callable[..., Awaitable[T]], *args: Any, policy: RetryPolicy, deadline: float
+) -> T:
+    """Run `attempt(*args)` until it succeeds, fails for good, or the next wait passes `deadline`.
+
+    `deadline` is on the `time.monotonic()` clock.
+    """
+    for number in range(policy.max_retries + 1):
+        try:
+            return await attempt(*args)
+        except SiaError as exc:
+            if not retryable(exc) or number == policy.max_retries:
+                raise
+            delay = policy.delay(number, getattr(exc, "upstream_retry_after", None))
+            if time.monotonic() + delay >= deadline:
+                raise
+            log.info(
+                "upstream_retry",
+                attempt=number + 1,
+                delay_s=round(delay, 3),
+                reason=exc.reason,
+                upstream_code=exc.metadata.get("upstream_code", ""),
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop always returns or raises
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), if any."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
