@@ -1,4 +1,5 @@
-"""Tests of the whole process: `sia serve` started as a subprocess, signals, logs, restarts."""
+"""Tests of the whole process: `sia serve` started as a subprocess, signals, logs, restarts;
+and the App's shutdown promise to a running task, on each task backend."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import json
 import signal
 import sys
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -13,11 +16,19 @@ import grpc.aio
 import pytest
 
 from sia.api.image.v1 import image_service_pb2 as pb
+from sia.app import App
+from sia.config import Settings
+from sia.domain import GenerationRequest, GenerationResult, TaskStatus
+from sia.providers.offline import OfflineProvider
+from tests.helpers import TEST_SIZE, MakeSettings
 from tests.process import client, serve, server_env
+from tests.tasks.backend_helpers import REDIS_URL, delete_queue_keys, require_redis
+from tests.waiting import within
 
 SECRET = "sk-never-log-this-4242"
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_and_tasks_survive_restart(tmp_path: Path) -> None:
     """SIGTERM lets an in-flight RPC finish, exits 0, and a queued task runs after restart."""
     env = server_env(
@@ -54,6 +65,67 @@ async def test_sigterm_drains_and_tasks_survive_restart(tmp_path: Path) -> None:
         assert await server.exit_code() == 0
 
 
+class GatedProvider(OfflineProvider):
+    """The offline provider, but each generation first waits for `release`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls = 0
+        self.cancelled = 0
+
+    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        self.calls += 1
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().generate(request, timeout=timeout)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend_settings(
+    request: pytest.FixtureRequest, make_settings: MakeSettings
+) -> AsyncIterator[Settings]:
+    """Settings on each task backend, one worker; Redis on a queue of the test's own."""
+    if request.param == "sqlite":
+        yield make_settings(task_workers=1, shutdown_grace=30)
+        return
+    await require_redis()
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    yield make_settings(
+        task_backend="redis", redis_url=REDIS_URL, redis_queue=queue, task_workers=1,
+        shutdown_grace=30,
+    )  # fmt: skip
+    await delete_queue_keys(queue)
+
+
+async def test_shutdown_lets_a_running_task_finish(backend_settings: Settings) -> None:
+    """A task RUNNING when shutdown begins finishes within SHUTDOWN_GRACE: SUCCEEDED after one
+    generation, not put back in the queue to be generated (and billed) again."""
+    provider = GatedProvider()
+    request = GenerationRequest(prompt="x", model=backend_settings.image_model, size=TEST_SIZE)
+    async with App(backend_settings, provider=provider) as app:
+        task = await app.service.submit(request)
+        await within(provider.started.wait(), "the task never reached the provider")
+        shutdown = asyncio.create_task(app.shutdown())
+        done, _ = await asyncio.wait({shutdown}, timeout=0.5)
+        provider.release.set()
+        assert not done, "shutdown ended without waiting for the running task"
+        await within(shutdown, "shutdown still waits after the running task finished")
+    assert (provider.calls, provider.cancelled) == (1, 0)
+
+    async with App(backend_settings, provider=provider) as app:
+        stored = await app.tasks.get(task.id)
+    assert stored.status is TaskStatus.SUCCEEDED, f"{stored.status} after shutdown"
+    assert stored.attempts == 1
+    assert provider.calls == 1
+
+
+@pytest.mark.slow
 async def test_logs_are_json_lines_without_secrets(tmp_path: Path) -> None:
     """Every stdout line is a JSON object; access lines carry request ids; the key never shows."""
     env = server_env(tmp_path / "data", IMAGE_PROVIDER="offline", IMAGE_API_KEY=SECRET)
@@ -80,6 +152,7 @@ async def test_logs_are_json_lines_without_secrets(tmp_path: Path) -> None:
     assert all(isinstance(r["duration_ms"], float) for r in access)
 
 
+@pytest.mark.slow
 async def test_offline_warning_once(tmp_path: Path) -> None:
     """Without a key the server starts on the offline provider and warns once."""
     async with serve(server_env(tmp_path / "data"), tmp_path) as server:
@@ -90,8 +163,9 @@ async def test_offline_warning_once(tmp_path: Path) -> None:
     assert warnings[0]["level"] == "warning"
 
 
+@pytest.mark.slow
 async def test_fake_ark_command_serves_the_ark_path(tmp_path: Path) -> None:
-    """`sia fake-ark` plus `sia serve` with its key and URL is the README's keyless Ark demo."""
+    """`sia fake-ark`, then `sia serve` with its key and URL (docs/providers.md's demo)."""
     fake = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sia", "fake-ark", "--port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -124,6 +198,7 @@ async def test_fake_ark_command_serves_the_ark_path(tmp_path: Path) -> None:
             await fake.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

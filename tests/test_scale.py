@@ -19,9 +19,11 @@ import pytest
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.testing.fake_ark import FakeArk
 from tests.process import client, serve, server_env
-from tests.tasks.test_contract import REDIS_URL, delete_queue_keys, require_redis
+from tests.tasks.backend_helpers import REDIS_URL, delete_queue_keys, require_redis
 
 KEY = "scale-test-key"
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -89,7 +91,8 @@ async def test_replicas_answer_for_each_others_tasks(tmp_path: Path, queue: str)
 
 async def test_killed_replica_task_completes_elsewhere(tmp_path: Path, queue: str) -> None:
     """SIGKILL on the replica running a task: another replica finishes it, at most one rerun."""
-    async with FakeArk(api_key=KEY, latency=3) as fake:
+    # The first attempt outlasts replica B's start-up for sure; the rerun is quick.
+    async with FakeArk(api_key=KEY, latency=60) as fake:
         env = replica_env(tmp_path, fake, queue)
         async with serve(env, tmp_path) as a, client(a) as stub_a:
             submitted = await stub_a.GenerateImageAsync(pb.GenerateImageRequest(prompt="survive"))
@@ -100,6 +103,7 @@ async def test_killed_replica_task_completes_elsewhere(tmp_path: Path, queue: st
             async with serve(env, tmp_path) as b, client(b) as stub_b:
                 a.proc.kill()  # SIGKILL: no shutdown, no requeue, the heartbeat just stops
                 await a.proc.wait()
+                fake.latency = 0.3
                 done = await wait_for(stub_b, task_id, pb.TASK_STATUS_SUCCEEDED, 45)
                 image = done.result.images[0]
                 assert image.url.startswith(f"http://localhost:{b.http_port}/images/")

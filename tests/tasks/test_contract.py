@@ -8,7 +8,6 @@ fails these tests instead of skipping them.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import structlog
-from redis import asyncio as aioredis
 from structlog.testing import capture_logs
 
 from sia.domain import (
@@ -34,42 +32,18 @@ from sia.tasks.base import TaskBackend
 from sia.tasks.redis import RedisTaskBackend
 from sia.tasks.sqlite import SqliteTaskBackend
 from tests.tasks.backend_helpers import (
+    REDIS_URL,
     GatedRunner,
     Make,
+    delete_queue_keys,
     make_request,
     make_result,
     quick,
+    require_redis,
     started,
     wait_status,
 )
-
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-async def require_redis() -> None:
-    """Skip when Redis is unreachable, or fail under CI=true."""
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        await client.ping()  # type: ignore[misc]
-    except Exception as exc:
-        message = f"Redis at {REDIS_URL} is unreachable ({type(exc).__name__})"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message + "; CI requires it")
-        pytest.skip(message)
-    finally:
-        await client.aclose()
-
-
-async def delete_queue_keys(queue: str) -> None:
-    """Delete every key saq and the backend made for `queue`."""
-    client = aioredis.from_url(REDIS_URL)
-    try:
-        for pattern in (f"saq:{queue}:*", f"saq:job:{queue}:*", "saq:abort:*", f"sia:{queue}:*"):
-            keys = [key async for key in client.scan_iter(match=pattern, count=500)]
-            if keys and pattern != "saq:abort:*":
-                await client.delete(*keys)
-    finally:
-        await client.aclose()
+from tests.waiting import within
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -230,7 +204,7 @@ async def test_queue_full_raises(backends: Make) -> None:
     backend = await started(backends, runner, workers=1, queue_limit=2)
     first = await backend.submit(make_request(request_id="a"))
     await backend.submit(make_request())
-    await runner.started.wait()
+    await runner.wait_started()
     with pytest.raises(QueueFull) as caught:
         await backend.submit(make_request())
     assert caught.value.metadata == {"limit": "2"}
@@ -245,7 +219,7 @@ async def test_cancel_queued_task(backends: Make) -> None:
     runner = GatedRunner()
     backend = await started(backends, runner, workers=1)
     busy = await backend.submit(make_request())
-    await runner.started.wait()
+    await runner.wait_started()
     waiting = await backend.submit(make_request())
 
     cancelled = await backend.cancel(waiting.id)
@@ -264,12 +238,12 @@ async def test_cancel_running_task(backends: Make) -> None:
     runner = GatedRunner()
     backend = await started(backends, runner)
     task = await backend.submit(make_request())
-    await runner.started.wait()
+    await runner.wait_started()
     assert (await backend.get(task.id)).status is TaskStatus.RUNNING
 
     cancelled = await backend.cancel(task.id)
     assert cancelled.status is TaskStatus.CANCELLED
-    await asyncio.wait_for(runner.any_cancelled.wait(), 5)
+    await within(runner.any_cancelled.wait(), "cancel did not reach the running runner")
     assert runner.cancelled == [task.id]
     await asyncio.sleep(0.1)
     stored = await backend.get(task.id)
@@ -327,7 +301,7 @@ async def test_drained_tasks_run_again_after_restart(
     runner = GatedRunner()
     first = await started(backends, runner, workers=1)
     tasks = [await first.submit(make_request()) for _ in range(3)]
-    await runner.started.wait()
+    await runner.wait_started()
     await first.drain(0.1)
     assert runner.cancelled == [tasks[0].id]
     assert {(await first.get(t.id)).status for t in tasks} == {TaskStatus.QUEUED}
@@ -340,25 +314,23 @@ async def test_drained_tasks_run_again_after_restart(
     assert (await second.get(tasks[1].id)).attempts == 1
 
 
-async def test_drain_grace_lets_short_tasks_finish(
+async def test_drain_lets_a_running_task_finish_within_grace(
     backends: Make,
 ) -> None:
-    """A task that ends within the grace period is stored SUCCEEDED, and drain returns early."""
-    started_event = asyncio.Event()
-
-    async def runner(task: Task) -> GenerationResult:
-        started_event.set()
-        await asyncio.sleep(0.1)
-        return make_result(task)
-
+    """drain waits for a task still running, stores it SUCCEEDED after one attempt (not
+    requeued to run again), and returns as soon as it has finished."""
+    runner = GatedRunner()
     backend = await started(backends, runner)
     task = await backend.submit(make_request())
-    await started_event.wait()
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    await backend.drain(10)
-    assert loop.time() - began < 5
-    assert (await backend.get(task.id)).status is TaskStatus.SUCCEEDED
+    await runner.wait_started()
+    drain = asyncio.create_task(backend.drain(60))
+    done, _ = await asyncio.wait({drain}, timeout=0.3)
+    runner.release.set()
+    assert not done, "drain ended without waiting for the running task"
+    await within(drain, "drain still waits after its running task finished")
+    stored = await backend.get(task.id)
+    assert (stored.status, stored.attempts) == (TaskStatus.SUCCEEDED, 1)
+    assert (runner.calls, runner.cancelled) == ([task.id], [])
 
 
 async def test_submit_after_drain_is_refused(backends: Make) -> None:

@@ -1,20 +1,30 @@
-"""What only the SQLite backend does: its file survives a dead process, purge, full counts."""
+"""What only the SQLite backend does: its file survives a dead process, purge, full counts,
+wake-ups that rouse one worker each, and every sqlite3 error answered as Unavailable."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from sia.domain import TaskStatus, utcnow
-from sia.errors import TaskNotFound
+from sia.errors import TaskNotFound, Unavailable
 from sia.tasks.base import TaskBackend
 from sia.tasks.codec import request_to_json, to_iso
 from sia.tasks.sqlite import SqliteTaskBackend
-from tests.tasks.backend_helpers import GatedRunner, Make, make_request, quick, started, wait_status
+from tests.tasks.backend_helpers import (
+    GatedRunner,
+    Make,
+    make_request,
+    quick,
+    started,
+    wait_status,
+)
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -39,7 +49,7 @@ async def test_task_left_running_by_a_dead_process_runs_again(
     runner = GatedRunner()
     first = await started(backends, runner, workers=1)
     task = await first.submit(make_request())
-    await runner.started.wait()
+    await runner.wait_started()
     await first.aclose()
     with sqlite3.connect(tmp_path / "db" / "tasks.sqlite3") as db:
         db.execute("UPDATE tasks SET status = 'running' WHERE id = ?", (task.id,))
@@ -62,7 +72,7 @@ async def test_purge_removes_only_old_finished_tasks(
     cutoff = utcnow()
     await asyncio.sleep(0.01)
     running = await backend.submit(make_request())
-    await runner.started.wait()
+    await runner.wait_started()
     queued = await backend.submit(make_request())
     recent = await backend.submit(make_request())
     await backend.cancel(recent.id)
@@ -81,7 +91,7 @@ async def test_stats_count_every_status(backends: Make) -> None:
     backend = await started(backends, runner, workers=1)
     assert (await backend.stats()).counts == dict.fromkeys(TaskStatus, 0)
     await backend.submit(make_request())
-    await runner.started.wait()
+    await runner.wait_started()
     await backend.submit(make_request())
     cancelled = await backend.submit(make_request())
     await backend.cancel(cancelled.id)
@@ -102,15 +112,24 @@ _CLAIM_PREFIX = "UPDATE tasks SET status = 'running'"
 async def _claims(backend: TaskBackend) -> list[str]:
     """The claim statements the backend runs from now on (SQLite's trace callback)."""
     assert isinstance(backend, SqliteTaskBackend)
-    assert backend._db is not None
+    assert backend._store is not None
     seen: list[str] = []
 
     def trace(sql: str) -> None:
         if sql.lstrip().startswith(_CLAIM_PREFIX):
             seen.append(sql)
 
-    await backend._db.set_trace_callback(trace)
+    await backend._store._db.set_trace_callback(trace)
     return seen
+
+
+async def _all_idle(backend: TaskBackend) -> None:
+    """Wait until every worker waits for a wake-up and none is on its way."""
+    assert isinstance(backend, SqliteTaskBackend)
+    await until(
+        lambda: backend._idle == backend.workers and backend._nudges.empty(),
+        f"{backend.workers - backend._idle} of {backend.workers} workers never went idle",
+    )
 
 
 async def test_a_submit_wakes_one_idle_worker(
@@ -118,26 +137,31 @@ async def test_a_submit_wakes_one_idle_worker(
 ) -> None:
     """Eight idle workers, one submit: one claim runs the task, and the worker that ran it
     claims once more and finds nothing; the seven others stay asleep."""
-    monkeypatch.setattr("sia.tasks.sqlite._POLL_SECONDS", 60.0)
+    monkeypatch.setattr("sia.tasks.sqlite._POLL_SECONDS", 60.0)  # no poll during the test
     backend = await started(backends, quick, workers=8)
-    await asyncio.sleep(0.2)  # every worker has looked once and waits
+    await _all_idle(backend)
     claims = await _claims(backend)
     task = await backend.submit(make_request())
     await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
-    await asyncio.sleep(0.2)
+    await _all_idle(backend)
     assert len(claims) == 2
 
 
-async def test_idle_workers_look_once_per_interval_in_all(
+async def test_a_poll_wakes_one_idle_worker(
     backends: Make, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With nothing queued, eight workers make one claim per poll interval between them."""
-    monkeypatch.setattr("sia.tasks.sqlite._POLL_SECONDS", 0.05)
+    """With nothing queued, each poll makes one claim between eight idle workers, and a
+    poll while a wake-up is still on its way adds none."""
+    monkeypatch.setattr("sia.tasks.sqlite._POLL_SECONDS", 60.0)  # the test polls by hand
     backend = await started(backends, quick, workers=8)
-    await asyncio.sleep(0.2)
+    assert isinstance(backend, SqliteTaskBackend)
+    await _all_idle(backend)
     claims = await _claims(backend)
-    await asyncio.sleep(0.5)
-    assert 3 <= len(claims) <= 12  # about 10; one per worker per interval would be 80
+    for _ in range(5):
+        backend._poke()
+        backend._poke()
+        await _all_idle(backend)
+    assert len(claims) == 5
 
 
 async def test_a_task_queued_without_a_wake_up_is_found_by_the_poll(
@@ -146,7 +170,7 @@ async def test_a_task_queued_without_a_wake_up_is_found_by_the_poll(
     """A queued row no submit announced (written by another connection) still runs."""
     monkeypatch.setattr("sia.tasks.sqlite._POLL_SECONDS", 0.05)
     backend = await started(backends, quick, workers=2)
-    await asyncio.sleep(0.1)
+    await _all_idle(backend)
     now = to_iso(utcnow())
     with sqlite3.connect(tmp_path / "db" / "tasks.sqlite3") as db:
         db.execute(
@@ -156,3 +180,64 @@ async def test_a_task_queued_without_a_wake_up_is_found_by_the_poll(
         )
     db.close()
     await wait_status(backend, "task_unannounced", TaskStatus.SUCCEEDED, timeout=5)
+
+
+_FAULTS = [
+    sqlite3.DatabaseError("database disk image is malformed"),
+    sqlite3.IntegrityError("CHECK constraint failed"),
+    sqlite3.OperationalError("database is locked"),
+    sqlite3.InterfaceError("bad parameter or other API misuse"),
+    sqlite3.InternalError("internal logic error"),
+]
+
+
+@pytest.mark.parametrize("fault", _FAULTS, ids=lambda fault: type(fault).__name__)
+async def test_every_sqlite_error_is_unavailable(
+    backends: Make, monkeypatch: pytest.MonkeyPatch, fault: sqlite3.Error
+) -> None:
+    """Whatever sqlite3 raises (a corrupt page, a broken constraint, a locked file), every
+    call answers Unavailable raised from it, never an INTERNAL bug; ready turns False."""
+    runner = GatedRunner()
+    backend = await started(backends, runner, workers=1)
+    assert isinstance(backend, SqliteTaskBackend)
+    assert backend._store is not None
+    task = await backend.submit(make_request())
+    await runner.wait_started()  # the only worker is busy and queries nothing meanwhile
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "submit": lambda: backend.submit(make_request(request_id="r-1")),
+        "get": lambda: backend.get(task.id),
+        "cancel": lambda: backend.cancel(task.id),
+        "stats": backend.stats,
+        "purge": lambda: backend.purge(utcnow()),
+    }
+
+    def fail(*args: object) -> NoReturn:
+        raise fault
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend._store._db, "execute", fail)
+        patch.setattr(backend._store._db, "execute_fetchall", fail)
+        for name, call in calls.items():
+            with pytest.raises(Unavailable) as caught:
+                await call()
+            assert caught.value.__cause__ is fault, name
+        assert not await backend.ready()
+    assert await backend.ready()
+    assert (await backend.get(task.id)).status is TaskStatus.RUNNING
+
+
+async def test_a_constraint_the_file_enforces_is_unavailable(
+    backends: Make, tmp_path: Path
+) -> None:
+    """A real IntegrityError from the file (a trigger refusing the change) is Unavailable."""
+    backend = await started(backends, GatedRunner(), workers=1)
+    task = await backend.submit(make_request())
+    with sqlite3.connect(tmp_path / "db" / "tasks.sqlite3") as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF status ON tasks "
+            "WHEN NEW.status = 'cancelled' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    db.close()
+    with pytest.raises(Unavailable) as caught:
+        await backend.cancel(task.id)
+    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)

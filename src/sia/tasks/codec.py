@@ -1,6 +1,6 @@
 """JSON forms of the domain types a task backend stores: requests and results.
 
-Every backend (SQLite now, Redis later) keeps a task's request and result as
+Every backend (SQLite and Redis) keeps a task's request and result as
 text, so the encoding lives here once. Enums become their string values,
 tuples become lists, datetimes become ISO 8601 in UTC. A stored result never
 holds image bytes: the runner puts them in the blob store first, and encoding

@@ -42,19 +42,17 @@ from sia.errors import (
     ConfigError,
     QueueFull,
     ShuttingDown,
-    SiaError,
     TaskNotCancellable,
     TaskNotFound,
     Unavailable,
+    retryable,
 )
 from sia.logs import get_logger
-from sia.providers.upstream import retryable
 from sia.tasks.base import TaskStats
 from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
+from sia.tasks.errors import CANCELLED, INTERNAL, runner_failure, store_errors
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from sia.domain import GenerationRequest
     from sia.metrics import Metrics
     from sia.tasks.base import Runner
@@ -62,8 +60,8 @@ if TYPE_CHECKING:
 log = get_logger("sia.tasks.redis")
 
 FUNCTION = "run_task"
-CANCELLED = ImageError("CANCELLED", "cancelled by the client")
-INTERNAL = ImageError("INTERNAL", "internal error")
+#: What redis-py raises when Redis cannot answer (its connection errors are also OSErrors).
+_FAULTS = (RedisError, OSError)
 ABANDONED = ImageError("ABANDONED", "the task's replicas stopped while running it too often")
 
 _STATUSES = {
@@ -172,7 +170,7 @@ class RedisTaskBackend:
         self._redis = aioredis.from_url(self._url)
         try:
             await _ping(self._redis)
-        except (RedisError, OSError) as exc:
+        except _FAULTS as exc:
             await self._redis.aclose()
             raise ConfigError(f"REDIS_URL: cannot reach Redis ({type(exc).__name__})") from exc
         self._queue = _Queue(self._redis, name=self.queue_name)
@@ -196,7 +194,7 @@ class RedisTaskBackend:
             raise ShuttingDown
         queue, redis = self._conn
         task_id = new_task_id()
-        with _redis_errors():
+        with store_errors(*_FAULTS):
             if request.request_id:
                 claim = self._key("request", request.request_id)
                 claimed = await redis.set(claim, task_id, nx=True, ex=self._retention * 2)
@@ -239,7 +237,7 @@ class RedisTaskBackend:
     async def get(self, task_id: str) -> Task:
         """The task as stored in Redis (any replica's)."""
         queue, redis = self._conn
-        with _redis_errors():
+        with store_errors(*_FAULTS):
             raw_job, marker = await redis.mget(queue.job_id(task_id), self._key("cancel", task_id))
         job = queue.deserialize(raw_job) if raw_job else None
         if job is None:
@@ -252,7 +250,7 @@ class RedisTaskBackend:
         task = await self.get(task_id)
         if task.status.is_terminal:
             raise TaskNotCancellable(task_id, task.status.value)
-        with _redis_errors():
+        with store_errors(*_FAULTS):
             await redis.set(self._key("cancel", task_id), 1, ex=self._retention)
             job = await queue.job(task_id)
             if job is not None:
@@ -263,7 +261,7 @@ class RedisTaskBackend:
     async def stats(self) -> TaskStats:
         """Queued and running counts (finished jobs only expire), and the queue's age."""
         queue, redis = self._conn
-        with _redis_errors():
+        with store_errors(*_FAULTS):
             queued = await queue.count("queued")
             running = await queue.count("active")
             oldest_id = await redis.lindex(queue.namespace("queued"), 0)  # type: ignore[misc]  # see _ping
@@ -281,7 +279,7 @@ class RedisTaskBackend:
             return False
         try:
             return await _ping(self._redis)
-        except (RedisError, OSError):
+        except _FAULTS:
             return False
 
     async def drain(self, grace: float) -> None:
@@ -309,7 +307,7 @@ class RedisTaskBackend:
         self._closed = True
         await self.drain(0)
         if self._queue is not None:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*_FAULTS):
                 await self._queue.disconnect()
         self._queue = self._redis = None
 
@@ -325,20 +323,14 @@ class RedisTaskBackend:
         try:
             with bound_contextvars(task_id=job.key):
                 stored = result_to_json(await self._runner(task))
-        except SiaError as exc:
-            job.meta["error"] = {"code": exc.reason, "message": exc.message}
+        except Exception as exc:
+            error = runner_failure(exc, task_id=job.key, attempt=job.attempts)
+            job.meta["error"] = {"code": error.code, "message": error.message}
             if retryable(exc) and job.retryable:
                 self._count("task_retries")
             else:
                 job.retries = job.attempts  # not worth another attempt: saq marks it failed
                 self._count("task_outcomes", TaskStatus.FAILED.value)
-            log.info("task_failed", task_id=job.key, code=exc.reason, attempt=job.attempts)
-            raise
-        except Exception as exc:
-            job.meta["error"] = {"code": INTERNAL.code, "message": INTERNAL.message}
-            job.retries = job.attempts
-            self._count("task_outcomes", TaskStatus.FAILED.value)
-            log.error("task_failed", task_id=job.key, code=INTERNAL.code, exc_info=exc)
             raise
         finally:
             beat.cancel()
@@ -350,7 +342,7 @@ class RedisTaskBackend:
             await asyncio.sleep(self._heartbeat / 3)
             try:
                 await job.update()
-            except (RedisError, OSError) as exc:
+            except _FAULTS as exc:
                 log.warning("task_heartbeat_failed", task_id=job.key, error=type(exc).__name__)
 
     def _task(self, job: Job, *, cancelled: bool) -> Task:
@@ -409,13 +401,3 @@ async def _ping(redis: aioredis.Redis) -> bool:
 
 def _time(millis: int) -> datetime | None:
     return datetime.fromtimestamp(millis / 1000, UTC) if millis else None
-
-
-@contextlib.contextmanager
-def _redis_errors() -> Iterator[None]:
-    """Turn a Redis that cannot answer into Unavailable."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        log.warning("task_store_error", error=type(exc).__name__)
-        raise Unavailable("the task store is unavailable; retry later") from exc

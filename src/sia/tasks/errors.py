@@ -1,0 +1,49 @@
+"""How every task backend fails: the errors a task stores, and store faults translated.
+
+A store that cannot answer (Redis down; an SQLite file locked, full or
+corrupt) is `Unavailable`, never INTERNAL: the fault is the store's, and the
+caller's retry may well succeed. Each backend names its own client library's
+exceptions; the translation, its log line and its message live here once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from sia.domain import ImageError
+from sia.errors import SiaError, Unavailable
+from sia.logs import get_logger
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+log = get_logger("sia.tasks")
+
+#: What a task cancelled by its client stores.
+CANCELLED = ImageError("CANCELLED", "cancelled by the client")
+#: What a task stores when its runner failed with a bug; the traceback goes to the log only.
+INTERNAL = ImageError("INTERNAL", "internal error")
+
+
+@contextlib.contextmanager
+def store_errors(*foreign: type[BaseException]) -> Iterator[None]:
+    """Raise `Unavailable` from any of the `foreign` exceptions the store's client raises."""
+    try:
+        yield
+    except foreign as exc:
+        log.warning("task_store_error", error=type(exc).__name__, detail=str(exc))
+        raise Unavailable("the task store is unavailable; retry later") from exc
+
+
+def runner_failure(exc: BaseException, **context: object) -> ImageError:
+    """The error a task stores when its runner raised `exc`, logged as `task_failed`.
+
+    A SiaError is the task's own answer and keeps its reason and message;
+    anything else is a bug, logged with its traceback and stored as INTERNAL.
+    """
+    if isinstance(exc, SiaError):
+        log.info("task_failed", code=exc.reason, message=exc.message, **context)
+        return ImageError(exc.reason, exc.message)
+    log.error("task_failed", code=INTERNAL.code, exc_info=exc, **context)
+    return INTERNAL

@@ -1,0 +1,218 @@
+"""The `tasks` table of the sqlite backend: its schema and the statements that move a task.
+
+One aiosqlite connection in autocommit mode serves the table; every state
+change is a single statement, so no transaction spans an `await`.
+
+sqlite3's exceptions never leave this module. A file that cannot be opened,
+or that holds a newer schema, is a `ConfigError` at start-up; any fault after
+that (locked, full, an I/O error, a corrupt page, a broken constraint) is
+`Unavailable`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING
+
+import aiosqlite
+
+from sia.domain import ImageError, Task, TaskStatus, new_task_id, utcnow
+from sia.errors import ConfigError
+from sia.tasks.base import TaskStats
+from sia.tasks.codec import from_iso, request_from_json, request_to_json, result_from_json, to_iso
+from sia.tasks.errors import CANCELLED, store_errors
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from datetime import datetime
+    from pathlib import Path
+
+    from sia.domain import GenerationRequest
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id            TEXT PRIMARY KEY,
+    request_id    TEXT NOT NULL DEFAULT '',
+    status        TEXT NOT NULL,
+    request       TEXT NOT NULL,
+    result        TEXT,
+    error_code    TEXT,
+    error_message TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    finished_at   TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_request_id ON tasks (request_id) WHERE request_id != '';
+CREATE INDEX IF NOT EXISTS tasks_status_created ON tasks (status, created_at);
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at);
+"""
+_INSERT = """
+INSERT INTO tasks (id, request_id, status, request, attempts, created_at, updated_at)
+SELECT ?, ?, 'queued', ?, 0, ?, ?
+WHERE (SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')) < ?
+ON CONFLICT (request_id) WHERE request_id != '' DO NOTHING
+RETURNING *
+"""
+_CLAIM = """
+UPDATE tasks SET status = 'running', attempts = attempts + 1, updated_at = ?
+WHERE id = (SELECT id FROM tasks WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1)
+RETURNING *
+"""
+_FINISH = """
+UPDATE tasks SET status = ?, result = ?, error_code = ?, error_message = ?,
+    updated_at = ?, finished_at = ?
+WHERE id = ? AND status = 'running'
+"""
+_CANCEL = """
+UPDATE tasks SET status = 'cancelled', error_code = ?, error_message = ?,
+    updated_at = ?, finished_at = ?
+WHERE id = ? AND status IN ('queued', 'running')
+RETURNING *
+"""
+_REQUEUE_ALL = "UPDATE tasks SET status = 'queued', updated_at = ? WHERE status = 'running'"
+_REQUEUE_ONE = f"{_REQUEUE_ALL} AND id = ?"
+_PURGE = """
+DELETE FROM tasks WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
+"""
+
+
+class TaskTable:
+    """The tasks table in one SQLite file; `await TaskTable.open(path)` makes one."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, path: Path) -> TaskTable:
+        """Open (or create) the file, in WAL mode, with the current schema."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the task database {path}: {exc}") from exc
+        try:
+            db.row_factory = aiosqlite.Row
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = NORMAL")
+            (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+            if version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the task database {path} has schema {version}; "
+                    f"this version of sia knows only up to {SCHEMA_VERSION}"
+                )
+            await db.executescript(
+                f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        except BaseException as exc:
+            await db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise ConfigError(f"cannot use the task database {path}: {exc}") from exc
+            raise
+        return cls(db)
+
+    async def insert(self, request: GenerationRequest, *, limit: int) -> Task | None:
+        """Store `request` as a new QUEUED task.
+
+        None when `limit` tasks are already queued or running, or when another
+        task holds the request's request_id.
+        """
+        now = to_iso(utcnow())
+        params = (new_task_id(), request.request_id, request_to_json(request), now, now, limit)
+        return _task(await self._fetch_one(_INSERT, params))
+
+    async def get(self, task_id: str) -> Task | None:
+        """The task with id `task_id`, if there is one."""
+        return _task(await self._fetch_one("SELECT * FROM tasks WHERE id = ?", (task_id,)))
+
+    async def by_request_id(self, request_id: str) -> Task | None:
+        """The task submitted with `request_id`, if there is one."""
+        sql = "SELECT * FROM tasks WHERE request_id = ?"
+        return _task(await self._fetch_one(sql, (request_id,)))
+
+    async def claim(self) -> Task | None:
+        """Mark the oldest QUEUED task RUNNING, counting an attempt, and return it."""
+        return _task(await self._fetch_one(_CLAIM, (to_iso(utcnow()),)))
+
+    async def finish(
+        self, task_id: str, status: TaskStatus, result: str | None, error: ImageError | None
+    ) -> bool:
+        """Store how a RUNNING task ended; False if it was no longer RUNNING."""
+        now = to_iso(utcnow())
+        code, message = (error.code, error.message) if error else (None, None)
+        params = (status.value, result, code, message, now, now, task_id)
+        return bool(await self._execute(_FINISH, params))
+
+    async def cancel(self, task_id: str) -> Task | None:
+        """Mark a QUEUED or RUNNING task CANCELLED; None if it is in neither status."""
+        now = to_iso(utcnow())
+        params = (CANCELLED.code, CANCELLED.message, now, now, task_id)
+        return _task(await self._fetch_one(_CANCEL, params))
+
+    async def requeue(self, task_id: str | None = None) -> int:
+        """Put a RUNNING task (every one, without `task_id`) back in the queue; return how many."""
+        now = to_iso(utcnow())
+        if task_id is None:
+            return await self._execute(_REQUEUE_ALL, (now,))
+        return await self._execute(_REQUEUE_ONE, (now, task_id))
+
+    async def stats(self) -> TaskStats:
+        """How many tasks are in each status (zeros included) and the oldest queued one's age."""
+        counts = dict.fromkeys(TaskStatus, 0)
+        rows = await self._fetch_all("SELECT status, count(*) FROM tasks GROUP BY status", ())
+        for status, count in rows:
+            counts[TaskStatus(status)] = count
+        sql = "SELECT min(created_at) FROM tasks WHERE status = 'queued'"
+        oldest = await self._fetch_one(sql, ())
+        age = 0.0
+        if oldest is not None and oldest[0] is not None:
+            age = max(0.0, (utcnow() - from_iso(oldest[0])).total_seconds())
+        return TaskStats(counts, age)
+
+    async def purge(self, finished_before: datetime) -> int:
+        """Delete finished tasks whose finished_at is before `finished_before`."""
+        return await self._execute(_PURGE, (to_iso(finished_before),))
+
+    async def ping(self) -> bool:
+        """True while the file answers a trivial query."""
+        try:
+            await self._db.execute_fetchall("SELECT 1")
+        except sqlite3.Error:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._db.close()
+
+    async def _fetch_all(self, sql: str, params: Iterable[object]) -> Iterable[sqlite3.Row]:
+        with store_errors(sqlite3.Error):
+            return await self._db.execute_fetchall(sql, params)
+
+    async def _fetch_one(self, sql: str, params: Iterable[object]) -> sqlite3.Row | None:
+        return next(iter(await self._fetch_all(sql, params)), None)
+
+    async def _execute(self, sql: str, params: Iterable[object]) -> int:
+        with store_errors(sqlite3.Error):
+            async with self._db.execute(sql, params) as cursor:
+                return cursor.rowcount
+
+
+def _task(row: sqlite3.Row | None) -> Task | None:
+    if row is None:
+        return None
+    code = row["error_code"]
+    finished_at = row["finished_at"]
+    return Task(
+        id=row["id"],
+        request=request_from_json(row["request"]),
+        status=TaskStatus(row["status"]),
+        created_at=from_iso(row["created_at"]),
+        updated_at=from_iso(row["updated_at"]),
+        finished_at=None if finished_at is None else from_iso(finished_at),
+        result=None if row["result"] is None else result_from_json(row["result"]),
+        error=None if code is None else ImageError(code, row["error_message"] or ""),
+        attempts=row["attempts"],
+    )
