@@ -56,12 +56,6 @@ async def fake() -> AsyncIterator[FakeArk]:
         yield server
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
 async def generate(
     fake: FakeArk,
     session: aiohttp.ClientSession,
@@ -390,13 +384,6 @@ async def test_every_spec_error_code_has_its_status(
     assert status == ERRORS[code][0] == error_status(code)
     assert body["error"]["code"] == code
     assert body["error"]["type"] == TYPES[status]
-
-
-def test_error_status_of_suffixed_codes() -> None:
-    """Codes with a parameter or detail suffix map to their family's status."""
-    assert error_status("MissingParameter.prompt") == 400
-    assert error_status("SensitiveContentDetected.SevereViolation") == 400
-    assert error_status("NoSuchCode") is None
 
 
 async def test_retry_after_trigger(fake: FakeArk, session: aiohttp.ClientSession) -> None:

@@ -1,8 +1,9 @@
 """A fake OpenAI Images API server: the real wire format over real HTTP.
 
-Tests run the `openai` provider against it. It follows shared/ark-api.md
-section 6 for `POST /v1/images/generations` (no streaming, no edits) and
-checks requests against `sia.providers.openai.OPENAI_MODELS`.
+Tests run the `openai` provider against it. It follows the OpenAI wire notes
+of docs/providers.md for `POST /v1/images/generations` (no streaming, no edits)
+and checks requests against `sia.providers.openai.OPENAI_MODELS`; the server,
+the request log and scripting are `fake_upstream`'s.
 
     async with FakeOpenAI(api_key="test-key") as fake:   # binds 127.0.0.1, port 0
         fake.base_url                                     # "http://127.0.0.1:<port>"
@@ -23,8 +24,8 @@ Trigger words in the prompt script an outcome:
 `fake.script(*outcomes)` queues outcomes (`FakeOK`, `FakeError`, "ok" or an
 error code), one taken by each request that passes the key check and
 validation; they override the trigger words. The log `fake.requests` holds a
-`sia.testing.fake_ark.RecordedRequest` per generation call, its `outcome` one
-of "ok", "error:<code>", "client_disconnected" or "cancelled".
+`RecordedRequest` per generation call, its `outcome` one of "ok",
+"error:<code>", "client_disconnected" or "cancelled".
 """
 
 from __future__ import annotations
@@ -34,31 +35,51 @@ import base64
 import functools
 import io
 import json
-import re
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
 from PIL import Image
 
 from sia.models import parse_dimensions
 from sia.providers.openai import OPENAI_MODELS
-from sia.testing.fake_ark import CANCELLED, CLIENT_DISCONNECTED, OK, PENDING, RecordedRequest
+from sia.testing import fake_upstream
+from sia.testing.fake_upstream import (
+    DEFAULT_API_KEY,
+    TRIGGER_ERROR,
+    TRIGGER_LATENCY,
+    TRIGGER_RETRY_AFTER,
+    FakeUpstream,
+    Plan,
+    RecordedRequest,
+    Reject,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+
+    from typing_extensions import Unpack
 
     from sia.models import ModelSpec
+    from sia.testing.fake_upstream import Outcome, ServerOptions
 
-DEFAULT_API_KEY = "fake-key"
+__all__ = [
+    "DEFAULT_API_KEY",
+    "ERRORS",
+    "GENERATIONS_PATH",
+    "TRIGGER_ERROR",
+    "TRIGGER_LATENCY",
+    "TRIGGER_RETRY_AFTER",
+    "FakeError",
+    "FakeOK",
+    "FakeOpenAI",
+    "error_status",
+    "render",
+]
+
 GENERATIONS_PATH = "/v1/images/generations"
-
-TRIGGER_ERROR = "[error:{}]"
-TRIGGER_RETRY_AFTER = "[retry-after:{}]"
-TRIGGER_LATENCY = "[latency:{}]"
 
 #: The error codes the fake can be told to answer with: HTTP status, `type` and message.
 ERRORS: Mapping[str, tuple[int, str, str]] = {
@@ -113,7 +134,12 @@ _QUALITIES = {
 }
 _MAX_PROMPT = {"gpt": 32000, "dall-e-3": 4000, "dall-e-2": 1000}
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-_TRIGGER = re.compile(r"\[(error|retry-after|latency):([^\]\s]*)\]")
+
+
+def error_status(code: str) -> int | None:
+    """The HTTP status of an OpenAI error code of `ERRORS`; None if unknown."""
+    known = ERRORS.get(code)
+    return None if known is None else known[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,29 +149,23 @@ class FakeOK:
     latency: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class FakeError:
-    """Fail with an error code of `ERRORS`."""
-
-    code: str
-    retry_after: float | None = None
-    latency: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.code not in ERRORS:
-            raise ValueError(f"unknown error code {self.code!r}; known: {', '.join(ERRORS)}")
-
-
-class _Reject(Exception):
+class _Reject(Reject):
     """The request fails with an OpenAI error body."""
 
-    def __init__(
-        self, code: str | None, message: str = "", param: str | None = None, status: int = 400
-    ) -> None:
-        status, self.type, default = ERRORS.get(code or "", (status, "invalid_request_error", ""))
-        super().__init__(message or default)
-        self.code, self.param, self.status = code, param, status
-        self.retry_after: str | None = None
+    fallback_status = 400
+    status_of = staticmethod(error_status)
+
+    @staticmethod
+    def message_of(code: str) -> str | None:
+        known = ERRORS.get(code)
+        return None if known is None else known[2]
+
+
+class FakeError(fake_upstream.FakeError):
+    """Fail with an error code of `ERRORS` (or another one given its `status`)."""
+
+    __slots__ = ()
+    reject = _Reject
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,65 +194,37 @@ def _mask(key: str) -> str:
     return key[:3] + "*" * (len(key) - 7) + key[-4:] if len(key) > 10 else "*" * len(key)
 
 
-class FakeOpenAI:
-    """The fake OpenAI images server: configuration, request log, script, and the aiohttp app."""
+class FakeOpenAI(FakeUpstream[Plan]):
+    """The fake OpenAI images server: the shared core plus OpenAI's checks and answers."""
+
+    generations_path = GENERATIONS_PATH
+    request_id_header = "x-request-id"
+    name = "fake-openai"
+    bad_trigger_code = "invalid_value"
+    error_type = FakeError
+    named_outcomes: ClassVar[Mapping[str, Callable[[], Outcome]]] = {"ok": FakeOK}
 
     def __init__(
         self,
         *,
-        api_key: str | None = DEFAULT_API_KEY,
-        latency: float = 0.0,
-        host: str = "127.0.0.1",
-        port: int = 0,
         models: Mapping[str, ModelSpec] = OPENAI_MODELS,
+        **options: Unpack[ServerOptions],
     ) -> None:
-        self.api_key = api_key
-        self.latency = latency
+        super().__init__(**options)
         self.models = models
-        self.host = host
-        self.requests: list[RecordedRequest] = []
-        self.generations = 0
-        self.downloads = 0
-        self._port = port
-        self._script: deque[FakeOK | FakeError] = deque()
-        self._runner: web.AppRunner | None = None
-        self._closing = False
-        self.app = web.Application()
-        self.app.router.add_post(GENERATIONS_PATH, self._generations)
         self.app.router.add_get("/images/{name}", self._download)
-        self.app.on_response_prepare.append(self._stamp)
 
-    @property
-    def base_url(self) -> str:
-        """Where clients reach the fake, e.g. "http://127.0.0.1:18081"."""
-        return f"http://{self.host}:{self._port}"
+    def _new_request_id(self) -> str:
+        return "req_" + secrets.token_hex(16)
 
-    def script(self, *outcomes: FakeOK | FakeError | str) -> None:
-        """Queue outcomes for the next valid generation requests, one each, in order."""
-        for item in outcomes:
-            if isinstance(item, str):
-                self._script.append(FakeOK() if item == "ok" else FakeError(item))
-            else:
-                self._script.append(item)
+    def _new_plan(self) -> Plan:
+        return Plan()
 
-    async def __aenter__(self) -> FakeOpenAI:
-        runner = web.AppRunner(
-            self.app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
-        )
-        await runner.setup()
-        await web.TCPSite(runner, self.host, self._port).start()
-        self._runner, self._closing = runner, False
-        self._port = runner.addresses[0][1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            self._closing = True
-            await runner.cleanup()
-
-    async def _stamp(self, _: web.Request, response: web.StreamResponse) -> None:
-        response.headers.setdefault("x-request-id", "req_" + secrets.token_hex(16))
+    def _error_response(self, record: RecordedRequest, exc: Reject) -> web.Response:
+        kind = ERRORS.get(exc.code or "", (0, "invalid_request_error", ""))[1]
+        error = {"message": exc.args[0], "type": kind, "param": exc.param, "code": exc.code}
+        headers = self._headers(record, exc.retry_after)
+        return web.json_response({"error": error}, status=exc.status, headers=headers)
 
     async def _download(self, request: web.Request) -> web.Response:
         dims = parse_dimensions(request.match_info["name"].removesuffix(".png").rpartition("-")[2])
@@ -241,36 +233,9 @@ class FakeOpenAI:
         self.downloads += 1
         return web.Response(body=render(*dims)[0], content_type="image/png")
 
-    async def _generations(self, request: web.Request) -> web.Response:
-        record = RecordedRequest(
-            received=time.monotonic(),
-            received_at=time.time(),
-            method=request.method,
-            path=request.path,
-            headers=dict(request.headers),
-            request_id="req_" + secrets.token_hex(16),
-            client_request_id=request.headers.get("X-Client-Request-Id"),
-        )
-        self.requests.append(record)
-        try:
-            return await self._generate(request, record)
-        except _Reject as exc:
-            record.outcome, record.status = f"error:{exc.code}", exc.status
-            error = {"message": exc.args[0], "type": exc.type, "param": exc.param, "code": exc.code}
-            headers = {"x-request-id": record.request_id}
-            if exc.retry_after is not None:
-                headers["Retry-After"] = exc.retry_after
-            return web.json_response({"error": error}, status=exc.status, headers=headers)
-        except (asyncio.CancelledError, ConnectionResetError):
-            if record.outcome == PENDING:
-                record.outcome = CANCELLED if self._closing else CLIENT_DISCONNECTED
-            raise asyncio.CancelledError from None
-        finally:
-            record.ended = time.monotonic()
-
     async def _generate(self, request: web.Request, record: RecordedRequest) -> web.Response:
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        if self.api_key is not None and (scheme.lower() != "bearer" or key != self.api_key):
+        key = self._refused_key(request)
+        if key is not None:
             if not key:
                 raise _Reject(None, "You didn't provide an API key.", status=401)
             raise _Reject("invalid_api_key", f"Incorrect API key provided: {_mask(key)}.")
@@ -279,41 +244,12 @@ class FakeOpenAI:
         except ValueError:
             raise _Reject(None, "We could not parse the JSON body of your request.") from None
         job = self._validate(record.body)
-        error, retry_after, latency = self._plan(job.prompt)
-        if self._script:
-            outcome = self._script.popleft()
-            latency = latency if outcome.latency is None else outcome.latency
-            error = None
-            if isinstance(outcome, FakeError):
-                error = _Reject(outcome.code)
-                if outcome.retry_after is not None:
-                    retry_after = f"{outcome.retry_after:g}"
-        if error is not None:
-            error.retry_after = retry_after
-            await asyncio.sleep(latency or 0.0)
-            raise error
-        await asyncio.sleep(self.latency if latency is None else latency)
-        record.outcome, record.status, record.images = OK, 200, job.n
-        self.generations += 1
-        headers = {"x-request-id": record.request_id}
-        return web.json_response(self._answer(request, job), headers=headers)
-
-    @staticmethod
-    def _plan(prompt: str) -> tuple[_Reject | None, str | None, float | None]:
-        """The error, Retry-After and latency the prompt's trigger words ask for."""
-        error, retry_after, latency = None, None, None
-        for match in _TRIGGER.finditer(prompt):
-            word, arg = match[1], match[2]
-            if word == "error" and arg in ERRORS:
-                error = _Reject(arg)
-            elif word != "error" and re.fullmatch(r"\d+(\.\d+)?", arg):
-                if word == "latency":
-                    latency = float(arg)
-                else:
-                    retry_after = arg
-            else:
-                raise _Reject("invalid_value", f"fake-openai: bad trigger {match[0]}", "prompt")
-        return error, retry_after, latency
+        plan = await self._plan(job.prompt)
+        await asyncio.sleep(self.latency if plan.latency is None else plan.latency)
+        record.images = job.n
+        self.images_generated += job.n
+        self._succeeded(record)
+        return web.json_response(self._answer(request, job), headers=self._headers(record))
 
     def _answer(self, request: web.Request, job: _Job) -> dict[str, Any]:
         b64 = render(job.width, job.height, job.fmt)[1]
