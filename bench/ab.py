@@ -4,9 +4,8 @@
 compare SIA with SIA. This starts one fake upstream and `--pairs` fresh
 `sia serve` processes per side, then measures them in turn (A, B, A, B, ...)
 at concurrency 64, URL results, for `--duration` seconds each. A process's
-own luck (memory layout: up to 15 % of CPU per call) and the VM's drift then
-fall on both sides alike: with 4 pairs a 3 % difference shows, where the
-full bench's run-to-run drift hides less than 5 to 10 %.
+own luck (memory layout) and the VM's drift then fall on both sides alike, so
+a smaller difference shows than between two full runs (bench/README.md).
 
     git worktree add /tmp/before HEAD~1
     python -m bench.ab --b-src /tmp/before/src          # this tree (A) against HEAD~1 (B)
@@ -27,17 +26,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.run import (
-    GENERATE,
-    RESULTS,
-    Client,
-    Config,
-    Fleet,
-    Proc,
-    base_env,
-    grpc_target,
-    image_request,
-)
+from bench.config import GENERATE, Config, image_request
+from bench.processes import RESULTS, Client, Fleet, Proc, base_env, grpc_target
 
 CONCURRENCY = 64  # target 1's
 

@@ -1,7 +1,7 @@
 """A reference point: the thinnest GenerateImage gateway on SIA's own stack.
 
 A grpc.aio server on uvloop with SIA's options whose GenerateImage POSTs the
-prompt to the upstream through `sia.providers.upstream.Upstream` (the HTTP
+prompt to the upstream through `sia.providers.client.Upstream` (the HTTP
 client SIA uses), parses the answer with orjson and returns its URLs. No
 validation, logging, metrics, deadlines or retries: what is left is the cost
 of gRPC plus the upstream call, the floor under SIA's figures. `bench.run`
@@ -22,8 +22,8 @@ import orjson
 
 from bench.echo_server import OPTIONS, serve_until_signalled
 from sia.api.image.v1 import image_service_pb2 as pb
-from sia.cli import run
-from sia.providers.upstream import Upstream
+from sia.providers.client import Upstream
+from sia.runtime import run
 
 PATH = "/api/v3/images/generations"
 
