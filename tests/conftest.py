@@ -3,7 +3,8 @@ running app, and a real gRPC channel to it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +13,37 @@ import pytest
 
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
-from sia.config import Settings
+from sia.config import Settings, without_settings
 from sia.logs import OUTPUT, configure_logging
 from tests.helpers import TEST_SIZE, MakeSettings
+
+
+def _quiet_logging() -> None:
+    configure_logging("warning", "json", cache=False)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs() -> None:
     """JSON logs at warning level, as in production but less chatty."""
-    configure_logging("warning", "json", cache=False)
+    _quiet_logging()
+
+
+@pytest.fixture
+def log_config() -> Iterator[Callable[..., None]]:
+    """`log_config(level, format)` for one test; the suite's quiet set-up returns after it."""
+
+    def configure(level: str, fmt: str = "json") -> None:
+        configure_logging(level, fmt, cache=False)  # type: ignore[arg-type]  # tests pass literals
+
+    yield configure
+    _quiet_logging()
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test sees the developer's SIA variables (nor does a server process it starts)."""
+    for name in set(os.environ) - set(without_settings(os.environ)):
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)

@@ -11,3 +11,6 @@ TEST_SIZE = "1280x720"
 
 #: The make_settings fixture: keyword overrides to Settings.
 MakeSettings = Callable[..., Settings]
+
+#: The log_config fixture: `log_config(level, format="json")`.
+LogConfig = Callable[..., None]

@@ -15,6 +15,7 @@ from typing import Any
 import grpc.aio
 
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
+from sia.config import without_settings
 
 
 @dataclass
@@ -36,8 +37,8 @@ class Server:
 
 
 def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment for a test server: free ports, its own data dir, a slow offline provider."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGE_", "APP_", "TASK_"))}
+    """Environment for a test server: free ports, its own data dir, no other SIA setting."""
+    env = without_settings(os.environ)
     env.update(
         GRPC_HOST="127.0.0.1",
         GRPC_PORT="0",

@@ -19,9 +19,9 @@ from sia.logs import (
     REQUEST_ID,
     AccessLog,
     LineOutput,
-    configure_logging,
     get_logger,
 )
+from tests.helpers import LogConfig
 
 
 class CountingStream(io.StringIO):
@@ -157,16 +157,15 @@ def test_lines_off_the_loop_are_flushed_at_once(monkeypatch: pytest.MonkeyPatch)
     assert stream.getvalue() == '{"a":1}\n{"a":2}\n'
 
 
-async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_structlog_lines_go_through_the_output(
+    capsys: pytest.CaptureFixture[str], log_config: LogConfig
+) -> None:
     """A JSON line has the event, its fields, bound context, level, timestamp and logger."""
-    configure_logging("info", "json", cache=False)
-    try:
-        log = get_logger("sia.test")
-        with structlog.contextvars.bound_contextvars(task_id="t-1"):
-            log.info("hello", n=1, api_key="sk-secret")
-        OUTPUT.flush()
-    finally:
-        configure_logging("warning", "json", cache=False)
+    log_config("info")
+    log = get_logger("sia.test")
+    with structlog.contextvars.bound_contextvars(task_id="t-1"):
+        log.info("hello", n=1, api_key="sk-secret")
+    OUTPUT.flush()
     [line] = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert line["event"] == "hello" and line["n"] == 1 and line["task_id"] == "t-1"
     assert line["level"] == "info" and line["logger"] == "sia.test"
@@ -175,19 +174,16 @@ async def test_structlog_lines_go_through_the_output(capsys: pytest.CaptureFixtu
 
 
 async def test_standard_library_lines_share_the_output_and_its_order(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], log_config: LogConfig
 ) -> None:
     """grpc's, aiohttp's and asyncio's records (the standard library's loggers) are rendered
     like ours and leave through the same output, in the order they were written."""
-    configure_logging("info", "json", cache=False)
-    try:
-        get_logger("sia.test").info("first")
-        logging.getLogger("aiohttp.client").warning("second %s", "arg")
-        get_logger("sia.test").info("third")
-        assert capsys.readouterr().out == ""  # all three wait for the flush
-        await asyncio.sleep(FLUSH_INTERVAL * 2)
-    finally:
-        configure_logging("warning", "json", cache=False)
+    log_config("info")
+    get_logger("sia.test").info("first")
+    logging.getLogger("aiohttp.client").warning("second %s", "arg")
+    get_logger("sia.test").info("third")
+    assert capsys.readouterr().out == ""  # all three wait for the flush
+    await asyncio.sleep(FLUSH_INTERVAL * 2)
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [line["event"] for line in lines] == ["first", "second arg", "third"]
     assert lines[1]["logger"] == "aiohttp.client" and lines[1]["level"] == "warning"
@@ -198,10 +194,10 @@ def _lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, object]]:
 
 
 def test_access_line_has_the_shape_structlog_gives_every_line(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], log_config: LogConfig
 ) -> None:
     """The directly rendered access line equals structlog's line for the same event."""
-    configure_logging("info", "json", cache=False)
+    log_config("info")
     token = REQUEST_ID.set("req-9")
     try:
         fields = {"method": "/image.v1.ImageService/Check", "code": "OK", "duration_ms": 1.5}
@@ -209,21 +205,19 @@ def test_access_line_has_the_shape_structlog_gives_every_line(
         get_logger("sia.rpc").info("rpc", **fields)
     finally:
         REQUEST_ID.reset(token)
-        configure_logging("warning", "json", cache=False)
     fast, reference = _lines(capsys)
     assert fast.pop("timestamp") and reference.pop("timestamp")
     assert list(fast.items()) == list(reference.items())
     assert fast["request_id"] == "req-9"
 
 
-def test_access_line_follows_format_and_level(capsys: pytest.CaptureFixture[str]) -> None:
+def test_access_line_follows_format_and_level(
+    capsys: pytest.CaptureFixture[str], log_config: LogConfig
+) -> None:
     """Console format renders it through structlog; above info it is not written."""
-    try:
-        configure_logging("info", "console", cache=False)
-        AccessLog("sia.rpc")("rpc", code="OK")
-        assert "rpc" in capsys.readouterr().out
-        configure_logging("warning", "json", cache=False)
-        AccessLog("sia.rpc")("rpc", code="OK")
-        assert capsys.readouterr().out == ""
-    finally:
-        configure_logging("warning", "json", cache=False)
+    log_config("info", "console")
+    AccessLog("sia.rpc")("rpc", code="OK")
+    assert "rpc" in capsys.readouterr().out
+    log_config("warning")
+    AccessLog("sia.rpc")("rpc", code="OK")
+    assert capsys.readouterr().out == ""

@@ -205,3 +205,90 @@ def test_model_default_group_size() -> None:
     )  # fmt: skip
     defaults = Defaults(model="n", size="1024x1024", models={"n": spec})
     assert validate_request(defaults, prompt="x", sequential=True).max_images == 4
+
+
+REF = "https://e.com/a.png"
+
+
+@pytest.mark.parametrize(
+    ("accepted", "rejected", "field"),
+    [
+        ({"prompt": "x" * 4000}, {"prompt": "x" * 4001}, "prompt"),
+        ({"prompt": " " + "x" * 4000 + " "}, {"prompt": " " + "x" * 4001}, "prompt"),
+        ({"images": [REF] * 14}, {"images": [REF] * 15}, "images"),
+        ({"images": [data_uri(size=(15, 64))]}, {"images": [data_uri(size=(14, 64))]}, "images[0]"),
+        ({"images": [data_uri(size=(64, 15))]}, {"images": [data_uri(size=(64, 14))]}, "images[0]"),
+        (
+            {"images": ["https://e.com/" + "a" * (4096 - 14)]},
+            {"images": ["https://e.com/" + "a" * (4097 - 14)]},
+            "images[0]",
+        ),
+        (
+            {"sequential": True, "max_images": 15},
+            {"sequential": True, "max_images": 16},
+            "max_images",
+        ),
+        (
+            {"sequential": True, "max_images": 1},
+            {"sequential": True, "max_images": 0},
+            "max_images",
+        ),
+        (
+            {"sequential": True, "max_images": 13, "images": [REF] * 2},
+            {"sequential": True, "max_images": 14, "images": [REF] * 2},
+            "max_images",
+        ),
+        (
+            {"sequential": True, "max_images": 1, "images": [REF] * 14},
+            {"sequential": True, "max_images": 2, "images": [REF] * 14},
+            "max_images",
+        ),
+        ({"seed": -1}, {"seed": -2}, "seed"),
+        ({"seed": 2_147_483_647}, {"seed": 2_147_483_648}, "seed"),
+        ({"guidance_scale": 1.0}, {"guidance_scale": 0.999}, "guidance_scale"),
+        ({"guidance_scale": 10.0}, {"guidance_scale": 10.001}, "guidance_scale"),
+        ({"request_id": "r" * 128}, {"request_id": "r" * 129}, "request_id"),
+        ({"request_id": "!~"}, {"request_id": "a\x7f"}, "request_id"),
+        # Sizes, per model: the pixel range and the aspect ratio, each end.
+        ({"size": "1280x720"}, {"size": "1279x720"}, "size"),
+        ({"size": "4096x4096"}, {"size": "4097x4096"}, "size"),
+        ({"size": "4096x256"}, {"size": "4097x256"}, "size"),
+        ({"size": "256x4096"}, {"size": "256x4097"}, "size"),
+        (
+            {"model": SEEDREAM_45, "size": "2560x1440"},
+            {"model": SEEDREAM_45, "size": "2559x1440"},
+            "size",
+        ),
+        (
+            {"model": SEEDREAM_45, "size": "4096x4096"},
+            {"model": SEEDREAM_45, "size": "4096x4097"},
+            "size",
+        ),
+        (
+            {"model": SEEDREAM_30, "size": "512x512"},
+            {"model": SEEDREAM_30, "size": "511x512"},
+            "size",
+        ),
+        (
+            {"model": SEEDREAM_30, "size": "2048x2048"},
+            {"model": SEEDREAM_30, "size": "2049x2048"},
+            "size",
+        ),
+        (
+            {"model": SEEDREAM_30, "size": "4096x64"},
+            {"model": SEEDREAM_30, "size": "4096x63"},
+            "size",
+        ),
+        (
+            {"model": SEEDEDIT, "images": [REF]},
+            {"model": SEEDEDIT, "images": [REF] * 2},
+            "images",
+        ),
+    ],
+)
+def test_every_limit_on_both_sides_of_its_edge(
+    accepted: dict[str, object], rejected: dict[str, object], field: str
+) -> None:
+    """The last value inside each limit passes; the first one outside names its field."""
+    validate_request(DEFAULTS, **{"prompt": "a cat", **accepted})  # type: ignore[arg-type]
+    assert set(violations(**rejected)) == {field}

@@ -36,7 +36,7 @@ from sia.storage.local import LocalBlobStore
 from sia.tasks.sqlite import SqliteTaskBackend
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Callable, Coroutine
     from types import TracebackType
 
     from sia.config import Settings
@@ -98,8 +98,8 @@ def build_tasks(settings: Settings, metrics: Metrics) -> TaskBackend:
     )
 
 
-def build_store(settings: Settings) -> BlobStore:
-    """The blob store BLOB_STORE selects."""
+def build_store(settings: Settings, http_url: Callable[[], str]) -> BlobStore:
+    """The blob store BLOB_STORE selects; `http_url()` is the HTTP side server's URL."""
     if settings.blob_store == "s3":
         from sia.storage.s3 import S3BlobStore  # noqa: PLC0415 - the S3 client loads only when used
 
@@ -114,7 +114,7 @@ def build_store(settings: Settings) -> BlobStore:
             url_expiry=settings.task_retention,
             public_base_url=settings.s3_public_url or None,
         )
-    return LocalBlobStore(settings.data_dir / "images", settings.image_base_public_url)
+    return LocalBlobStore(settings.data_dir / "images", http_url)
 
 
 class App:
@@ -132,6 +132,8 @@ class App:
         self._stopped = asyncio.Event()
         self._shutdown_done = False
         self._background: set[asyncio.Task[None]] = set()
+        # Where image links start: PUBLIC_URL, else the HTTP port (the bound one once it runs).
+        self._link_base = settings.public_url or f"http://localhost:{settings.http_port}"
 
     async def __aenter__(self) -> Self:
         try:
@@ -151,7 +153,7 @@ class App:
 
     async def _start(self) -> None:
         settings, stack = self.settings, self._stack
-        self.store = build_store(settings)
+        self.store = build_store(settings, lambda: self._link_base)
         stack.push_async_callback(self.store.aclose)
         self.provider = self._provider or build_provider(settings, self.readiness)
         stack.push_async_callback(self.provider.aclose)
@@ -173,12 +175,15 @@ class App:
         stack.push_async_callback(self.grpc.stop, 0)
         self.readiness.on_change(lambda serving: self._spawn(self.grpc.set_serving(serving)))
 
-        self.http = HttpServer(settings, self.service)
+        self.readiness.add_check("tasks", self.tasks.ready, "task store is not answering")
+        self.metrics.before_scrape(self.service.publish_task_stats)
+        self.http = HttpServer(
+            settings, readiness=self.readiness, metrics=self.metrics, images=self.store.image_dir
+        )
         await self.http.start()
         stack.push_async_callback(self.http.stop)
-        if isinstance(self.store, LocalBlobStore) and not settings.public_url:
-            # link to the port actually bound (HTTP_PORT may be 0)
-            self.store.base_url = f"http://localhost:{self.http.port}"
+        if not settings.public_url:
+            self._link_base = f"http://localhost:{self.http.port}"
 
         sweeper = asyncio.create_task(self._sweep_forever(), name="sia-retention-sweeper")
         stack.push_async_callback(_cancel, sweeper)

@@ -1,18 +1,25 @@
 """Settings: read once at start-up from the environment and an optional `.env`.
 
-Everything else receives a `Settings` instance; nothing else reads the
-environment. A bad value is reported as one line naming the variable.
+`load_settings()` is the one place that reads `os.environ`; everything else
+receives a `Settings` instance, and tests pass their own mapping
+(`load_settings(environ={...})`). A bad value is reported as one line naming
+the variable. The variables and their defaults are listed in
+docs/configuration.md.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from sia.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(ge=0)]
@@ -88,6 +95,32 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
     s3_public_url: str = ""
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then `.env`: the environment arrives through `from_env`."""
+        return (init_settings, dotenv_settings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], env_file: str | Path | None = ".env") -> Settings:
+        """Settings from `environ` (which wins) and `env_file`; ValidationError when bad."""
+        names = set(cls.env_names())
+        values: dict[str, Any] = {
+            key.lower(): value for key, value in environ.items() if key.lower() in names
+        }
+        return cls(_env_file=env_file, **values)  # type: ignore[call-arg]  # pydantic-settings init arg
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        """The setting names, lower case; variable NAME is field `name`."""
+        return list(cls.model_fields)
+
     @field_validator(
         "log_level",
         "log_format",
@@ -138,22 +171,28 @@ class Settings(BaseSettings):
         return "ark" if self.image_api_key is not None else "offline"
 
     @property
-    def image_base_public_url(self) -> str:
-        """Base URL for links to images the service stores itself."""
-        return self.public_url or f"http://localhost:{self.http_port}"
-
-    @property
     def grpc_max_message_bytes(self) -> int:
         """GRPC_MAX_MESSAGE_MB in bytes."""
         return self.grpc_max_message_mb * 1024 * 1024
 
 
-def load_settings(env_file: str | Path | None = ".env") -> Settings:
-    """Read the settings, raising ConfigError with one line per bad variable."""
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> Settings:
+    """Read the settings from `environ` (default: this process's), raising ConfigError.
+
+    The error has one line per bad variable.
+    """
     try:
-        return Settings(_env_file=env_file)  # type: ignore[call-arg]  # pydantic-settings init arg
+        return Settings.from_env(os.environ if environ is None else environ, env_file)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` less every variable SIA reads: a clean start for a child `sia serve`."""
+    names = set(Settings.env_names())
+    return {key: value for key, value in environ.items() if key.lower() not in names}
 
 
 def _describe(exc: ValidationError) -> str:

@@ -3,7 +3,8 @@
 The HTTP `/ready` endpoint, the gRPC health service and the HealthCheck RPC
 all read it. It is serving once start-up has finished, until shutdown begins,
 and while no component has reported itself unfit (for example a provider
-whose credentials were refused).
+whose credentials were refused). `reasons()` also asks the components that
+are checked on demand (the task store) whether they answer.
 
 A problem may be reported with an expiry: the provider's is, because an
 instance out of rotation gets no calls that could show the problem fixed
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
 log = get_logger("sia.health")
 
@@ -34,11 +35,33 @@ class Readiness:
         self.problems: dict[str, str] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self._expiries: dict[str, asyncio.TimerHandle] = {}
+        self._checks: dict[str, tuple[Callable[[], Awaitable[bool]], str]] = {}
 
     @property
     def serving(self) -> bool:
         """True when the instance should receive new work."""
         return self.started and not self.shutting_down and not self.problems
+
+    def add_check(self, component: str, check: Callable[[], Awaitable[bool]], problem: str) -> None:
+        """Ask `check()` on every readiness query; False reports `problem` for `component`."""
+        self._checks[component] = (check, problem)
+
+    async def reasons(self) -> dict[str, str]:
+        """Why this instance should not get traffic now, by component; empty when it should."""
+        reasons = dict(self.problems)
+        if not self.started:
+            reasons["server"] = "starting"
+        if self.shutting_down:
+            reasons["server"] = "shutting down"
+        if not reasons:
+            for component, (check, problem) in self._checks.items():
+                if not await check():
+                    reasons[component] = problem
+        return reasons
+
+    async def ready(self) -> bool:
+        """True when this instance should receive traffic (see `reasons`)."""
+        return not await self.reasons()
 
     def on_change(self, listener: Callable[[bool], None]) -> None:
         """Call `listener(serving)` now and whenever the serving flag changes."""

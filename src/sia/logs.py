@@ -7,10 +7,10 @@ asyncio) go through the same renderer and the same output, so the whole
 process speaks one format, in order. The one access line per RPC
 (`AccessLog`) is rendered without the processor chain, to the same shape.
 
-Lines written on an event loop leave together every 10 ms rather than one
-by one (`LineOutput`): under load one write(2) carries the access lines of
-every call that finished meanwhile, and a crash can lose only the lines of
-the last 10 ms.
+Lines written on an event loop leave together every FLUSH_INTERVAL rather
+than one by one (`LineOutput`): under load one write(2) carries the access
+lines of every call that finished meanwhile, and a crash can lose only the
+lines of the last interval.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def _request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-    """`request_id`: the RPC being served, if any (a structlog context var is 5x dearer)."""
+    """`request_id`: the RPC being served, if any (a plain ContextVar, cheaper per call
+    than structlog's context)."""
     request_id = REQUEST_ID.get()
     if request_id is not None:
         event_dict.setdefault("request_id", request_id)
@@ -86,9 +87,8 @@ def _second_prefix(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
-#: Seconds a line written on an event loop may wait for the lines after it. Under load a
-#: loop iteration finishes about one call, so flushing every iteration cost a write(2)
-#: per access line; every 10 ms, one carries some twenty (at 2,000 calls/s).
+#: Seconds a line written on an event loop may wait for the lines after it: under load a
+#: loop iteration finishes about one call, so a flush per iteration is a write(2) per line.
 FLUSH_INTERVAL = 0.01
 
 
@@ -191,9 +191,9 @@ class AccessLog:
     `request_id`, `level`, `timestamp` and `logger`, the shape structlog
     gives every other line (tests/test_logs.py compares the two). The chain
     (context merge, level, timestamp, name, redaction, stack and traceback
-    renderers) cost 5 us per call on the event loop, a tenth of SIA's own
-    work per GenerateImage, and an access line needs none of it but the
-    timestamp. Its fields must therefore hold no secrets (no redaction here).
+    renderers) is a noticeable share of SIA's own work per GenerateImage, and
+    an access line needs none of it but the timestamp. Its fields must
+    therefore hold no secrets (no redaction here).
     With LOG_FORMAT=console the line goes through structlog; with LOG_LEVEL
     above info it is not written.
     """

@@ -5,10 +5,9 @@ Names follow the Prometheus naming guide and the usual gRPC server names
 
 The metrics updated on every call (the gRPC server's and the provider
 call's) are `LoopMetric`s: plain numbers updated on the event loop's thread
-and read by the same thread when /metrics is scraped. prometheus-client's own
-types take a lock on every update, which cost 4 % of the server's CPU per
-GenerateImage under load (bench target 1: 0.545 ms per call without metric
-updates, 0.565-0.586 ms with them).
+and read by the same thread when /metrics is scraped: prometheus-client's own
+types take a lock on every update, a cost every call would pay (bench/README.md
+has the figures).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from prometheus_client.utils import floatToGoString
 from sia.domain import TaskStatus
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
 
     from sia.tasks.base import TaskStats
 
@@ -143,6 +142,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
         r = self.registry
         rpc = ("grpc_type", "grpc_service", "grpc_method")
         self.rpc_started = LoopMetric(
@@ -230,6 +230,16 @@ class Metrics:
         self.task_queue_depth.labels(backend).set(stats.counts.get(TaskStatus.QUEUED, 0))
         self.tasks_running.labels(backend).set(stats.counts.get(TaskStatus.RUNNING, 0))
         self.task_oldest_queued.labels(backend).set(stats.oldest_queued_seconds)
+
+    def before_scrape(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Await `refresh()` before each scrape (for gauges read from elsewhere)."""
+        self._refreshers.append(refresh)
+
+    async def scrape(self) -> bytes:
+        """Refresh what must be, then the registry in Prometheus text format."""
+        for refresh in self._refreshers:
+            await refresh()
+        return self.render()
 
     def render(self) -> bytes:
         """The registry in Prometheus text format."""

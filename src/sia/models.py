@@ -1,6 +1,6 @@
 """The model catalogue: what each image model accepts.
 
-The limits come from Volcengine Ark's image API (shared/ark-api.md, section 1):
+The limits come from Volcengine Ark's image API (docs/providers.md, "Ark wire notes"):
 size keywords versus `WxH`, total pixel range, aspect-ratio range, how many
 reference images, and which optional fields a model honours. Validation uses
 them to reject a request the upstream would reject, before any work.

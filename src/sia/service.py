@@ -119,8 +119,9 @@ class ImageService:
         return await self.tasks.cancel(task_id)
 
     async def ready(self) -> bool:
-        """True when this instance should receive traffic."""
-        return self.readiness.serving and await self.tasks.ready()
+        """True when this instance should receive traffic (the task store's check included:
+        the app registers it with readiness)."""
+        return await self.readiness.ready()
 
     async def publish_task_stats(self) -> None:
         """Refresh the task gauges from the backend (called on each scrape)."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sia.errors import NotFound
-from sia.storage.local import LocalBlobStore, content_type_of
+from sia.storage.base import content_type_of
+from sia.storage.local import LocalBlobStore
 
 
 @pytest.fixture

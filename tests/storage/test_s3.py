@@ -130,17 +130,15 @@ async def test_presigned_url_matches_botocore(
     assert store.url(key) == expected
 
 
-def test_presigning_is_cheap() -> None:
-    """Presigning is local CPU work: about 0.2 ms a URL, asserted loosely for slow CI."""
+def test_presigning_is_local() -> None:
+    """Presigning needs no client and no network: the endpoint here does not even exist."""
     store = S3BlobStore(
         bucket="b", endpoint_url="http://127.0.0.1:1", access_key_id="a", secret_access_key="s"
     )
-    keys = [f"{secrets.token_urlsafe(24)}.png" for _ in range(500)]
-    store.url(keys[0])
-    start = time.perf_counter()
-    for key in keys:
-        store.url(key)
-    assert (time.perf_counter() - start) / len(keys) < 0.002
+    key = f"{secrets.token_urlsafe(24)}.png"
+    url = store.url(key)
+    assert url.startswith(f"http://127.0.0.1:1/b/{key}?")
+    assert "X-Amz-Signature=" in url
 
 
 async def test_public_base_url_is_unsigned(endpoint: str) -> None:

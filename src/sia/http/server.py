@@ -1,9 +1,9 @@
 """The HTTP side server: liveness, readiness, Prometheus metrics and stored images.
 
 GET /health          200 while the process runs (liveness)
-GET /ready           200 when this instance should get traffic, else 503
+GET /ready           200 when this instance should get traffic, else 503 with reasons
 GET /metrics         Prometheus text format
-GET /images/{key}    an image from the local blob store
+GET /images/{key}    an image the local blob store keeps (only when it has a directory)
 """
 
 from __future__ import annotations
@@ -13,28 +13,43 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sia.errors import NotFound
 from sia.logs import get_logger
-from sia.storage.local import LocalBlobStore, content_type_of
+from sia.storage.base import content_type_of, is_key
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sia.config import Settings
-    from sia.service import ImageService
+    from sia.health import Readiness
+    from sia.metrics import Metrics
 
 log = get_logger("sia.http")
 
 
 class HttpServer:
-    """aiohttp application and runner on HTTP_HOST:HTTP_PORT."""
+    """aiohttp application and runner on HTTP_HOST:HTTP_PORT.
 
-    def __init__(self, settings: Settings, service: ImageService) -> None:
+    `images` is the blob store's directory (`BlobStore.image_dir`), or None
+    when stored images are linked elsewhere.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        readiness: Readiness,
+        metrics: Metrics,
+        images: Path | None,
+    ) -> None:
         self.settings = settings
-        self.service = service
+        self.readiness = readiness
+        self.metrics = metrics
+        self.images = images
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
-        app.router.add_get("/metrics", self.metrics)
-        if isinstance(service.store, LocalBlobStore):
+        app.router.add_get("/metrics", self.scrape)
+        if images is not None:
             app.router.add_get("/images/{key}", self.image)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.port = 0
@@ -59,35 +74,21 @@ class HttpServer:
 
     async def ready(self, _: web.Request) -> web.Response:
         """Readiness, with the reasons when not ready."""
-        readiness = self.service.readiness
-        if await self.service.ready():
-            return web.json_response({"status": "ready"})
-        reasons = dict(readiness.problems)
-        if not readiness.started:
-            reasons["server"] = "starting"
-        if readiness.shutting_down:
-            reasons["server"] = "shutting down"
+        reasons = await self.readiness.reasons()
         if not reasons:
-            reasons["tasks"] = "task store is not answering"
+            return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
 
-    async def metrics(self, _: web.Request) -> web.Response:
+    async def scrape(self, _: web.Request) -> web.Response:
         """Prometheus scrape."""
-        await self.service.publish_task_stats()
-        return web.Response(
-            body=self.service.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
+        body = await self.metrics.scrape()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def image(self, request: web.Request) -> web.StreamResponse:
         """A stored image by key; 404 when unknown or expired."""
-        store = self.service.store
-        assert isinstance(store, LocalBlobStore)  # the route exists only for the local store
+        assert self.images is not None  # the route exists only with a directory
         key = request.match_info["key"]
-        try:
-            path = store.path(key)
-        except NotFound:
-            raise web.HTTPNotFound from None
-        if not path.is_file():
+        if not is_key(key) or not (path := self.images / key).is_file():
             raise web.HTTPNotFound
         return web.FileResponse(
             path,

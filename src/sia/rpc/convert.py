@@ -42,14 +42,9 @@ def _response_format(value: int) -> ResponseFormat:
 
 def generate_request(msg: pb.GenerateImageRequest, defaults: Defaults) -> GenerationRequest:
     """A validated domain request from GenerateImageRequest."""
-    return validate_request(
+    return _validated(
+        msg,
         defaults,
-        prompt=msg.prompt,
-        model=msg.model,
-        size=msg.size,
-        response_format=_response_format(msg.response_format),
-        watermark=msg.watermark if msg.HasField("watermark") else None,
-        images=msg.images,
         seed=msg.seed if msg.HasField("seed") else None,
         guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
         request_id=msg.request_id,
@@ -60,6 +55,25 @@ def sequential_request(
     msg: pb.GenerateSequentialImagesRequest, defaults: Defaults
 ) -> GenerationRequest:
     """A validated domain request from GenerateSequentialImagesRequest."""
+    return _validated(
+        msg,
+        defaults,
+        max_images=msg.max_images if msg.HasField("max_images") else None,
+        sequential=True,
+    )
+
+
+def _validated(
+    msg: pb.GenerateImageRequest | pb.GenerateSequentialImagesRequest,
+    defaults: Defaults,
+    *,
+    seed: int | None = None,
+    guidance_scale: float | None = None,
+    request_id: str = "",
+    max_images: int | None = None,
+    sequential: bool = False,
+) -> GenerationRequest:
+    """validate_request on the fields both requests share, plus each one's own."""
     return validate_request(
         defaults,
         prompt=msg.prompt,
@@ -68,8 +82,11 @@ def sequential_request(
         response_format=_response_format(msg.response_format),
         watermark=msg.watermark if msg.HasField("watermark") else None,
         images=msg.images,
-        max_images=msg.max_images if msg.HasField("max_images") else None,
-        sequential=True,
+        seed=seed,
+        guidance_scale=guidance_scale,
+        max_images=max_images,
+        sequential=sequential,
+        request_id=request_id,
     )
 
 

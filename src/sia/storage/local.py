@@ -1,40 +1,50 @@
 """The `local` blob store: image files in a directory, served by the HTTP side server.
 
-Keys are random and unguessable (`<32 url-safe chars>.<ext>`), so the URL
-itself is the credential, like a presigned URL. File I/O runs in a thread.
+Keys follow `sia.storage.base`'s scheme. File I/O runs in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
+import functools
 from typing import TYPE_CHECKING
 
 from sia.errors import NotFound
+from sia.storage.base import check_key, new_key
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
     from datetime import datetime
     from pathlib import Path
 
-#: File extension for each content type the service stores.
-EXTENSIONS = {"image/jpeg": "jpeg", "image/png": "png", "image/webp": "webp"}
-CONTENT_TYPES = {ext: ctype for ctype, ext in EXTENSIONS.items()}
-_KEY = re.compile(r"[A-Za-z0-9_-]{32}\.(?:jpeg|png|webp)")
-
 
 class LocalBlobStore:
-    """Blobs as files under `root`, linked as `<base_url>/images/<key>`."""
+    """Blobs as files under `root`, linked as `<base_url>/images/<key>`.
 
-    def __init__(self, root: Path, base_url: str) -> None:
+    `base_url` may be a function, read at each link: the app's HTTP port is
+    known only once the server has bound it.
+    """
+
+    def __init__(self, root: Path, base_url: str | Callable[[], str]) -> None:
         self.root = root
-        self.base_url = base_url.rstrip("/")
+        self._base_url: Callable[[], str] = (
+            functools.partial(base_url.rstrip, "/") if isinstance(base_url, str) else base_url
+        )
         root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def image_dir(self) -> Path:
+        """The directory the HTTP side server serves at /images/{key}."""
+        return self.root
+
+    @property
+    def base_url(self) -> str:
+        """Where links to this store's images start (no trailing slash)."""
+        return self._base_url()
 
     async def put(self, data: bytes, content_type: str) -> str:
         """Write `data` to a new file and return its key."""
-        key = f"{secrets.token_urlsafe(24)}.{EXTENSIONS.get(content_type, 'jpeg')}"
+        key = new_key(content_type)
         await asyncio.to_thread(self._write, self.root / key, data)
         return key
 
@@ -46,16 +56,14 @@ class LocalBlobStore:
 
     def path(self, key: str) -> Path:
         """The file of `key`; raises NotFound for a key this store never makes."""
-        if not _KEY.fullmatch(key):
-            raise NotFound(f"image {key!r} not found")
-        return self.root / key
+        return self.root / check_key(key)
 
     async def get(self, key: str) -> bytes:
         """The bytes stored under `key`."""
         try:
             return await asyncio.to_thread(self.path(key).read_bytes)
         except FileNotFoundError:
-            raise NotFound(f"image {key!r} not found") from None
+            raise NotFound(f"image {key[:80]!r} not found") from None
 
     def url(self, key: str) -> str:
         """The HTTP side server's URL for `key`."""
@@ -92,8 +100,3 @@ class LocalBlobStore:
 
     def __repr__(self) -> str:
         return f"LocalBlobStore(root={str(self.root)!r})"
-
-
-def content_type_of(key: str) -> str:
-    """The content type to serve for a stored key."""
-    return CONTENT_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")

@@ -1,14 +1,14 @@
 """The `s3` blob store: image files in an S3-compatible bucket (AWS S3, MinIO).
 
-Keys look like the local store's (`<32 url-safe chars>.<ext>`); the object in
-the bucket is `<prefix><key>`, and only objects of that shape under the
-prefix are ever read, swept or signed, so the bucket may hold other things.
+Keys follow `sia.storage.base`'s scheme; the object in the bucket is
+`<prefix><key>`, and only objects of that shape under the prefix are ever
+read, swept or signed, so the bucket may hold other things.
 
 One aiobotocore client per store, opened by `open()` (or the first call) and
 closed by `aclose()`. `url` presigns a GET locally with botocore's SigV4 query
 signer: no network and no client, so it stays a cheap sync call on the hot
 path (aiobotocore's own `generate_presigned_url` is a coroutine and resolves
-the endpoint rules on every call, about three times slower). With
+the endpoint rules on every call). With
 `public_base_url` (a CDN or a public bucket) `url` links there unsigned.
 
 botocore and aiohttp errors do not leave this module: a missing object is
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
-import secrets
 from contextlib import AsyncExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
@@ -35,7 +33,7 @@ from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 
 from sia.errors import NotFound, Unavailable
-from sia.storage.local import EXTENSIONS
+from sia.storage.base import check_key, is_key, new_key
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -44,14 +42,13 @@ if TYPE_CHECKING:
 
     from types_aiobotocore_s3 import S3Client
 
-_KEY = re.compile(r"[A-Za-z0-9_-]{32}\.(?:jpeg|png|webp)")
 _BATCH = 1000  # the most keys one DeleteObjects call takes
 _MISSING_BUCKET = frozenset({"404", "NoSuchBucket", "NotFound"})
 
 
 @functools.cache
 def _session() -> AioSession:
-    """One session per process: it caches the S3 model, which takes ~0.3 s to load."""
+    """One session per process: it caches the S3 model, which is slow to load."""
     return get_session()
 
 
@@ -177,7 +174,7 @@ class S3BlobStore:
 
     async def put(self, data: bytes, content_type: str) -> str:
         """Upload `data` under a new key and return the key (without the prefix)."""
-        key = f"{secrets.token_urlsafe(24)}.{EXTENSIONS.get(content_type, 'jpeg')}"
+        key = new_key(content_type)
         s3 = await self._s3()
         with _translated():
             await s3.put_object(
@@ -192,21 +189,26 @@ class S3BlobStore:
 
     async def get(self, key: str) -> bytes:
         """The bytes stored under `key`."""
-        self._check(key)
+        check_key(key)
         s3 = await self._s3()
         with _translated():
             try:
                 response = await s3.get_object(Bucket=self.bucket, Key=self.prefix + key)
             except ClientError as exc:
                 if _code(exc) == "NoSuchKey":
-                    raise NotFound(f"image {key!r} not found") from None
+                    raise NotFound(f"image {key[:80]!r} not found") from None
                 raise
             async with response["Body"] as body:
                 return await body.read()
 
+    @property
+    def image_dir(self) -> None:
+        """None: links lead to the bucket or `public_base_url`, not to the HTTP side server."""
+        return None
+
     def url(self, key: str) -> str:
         """A presigned GET URL for `key` valid `url_expiry` seconds, or the public link."""
-        self._check(key)
+        check_key(key)
         path = quote(self.prefix + key, safe="/~")
         if self.public_base_url is not None:
             return f"{self.public_base_url}/{path}"
@@ -224,7 +226,7 @@ class S3BlobStore:
 
     async def delete(self, keys: Iterable[str]) -> None:
         """Remove the objects of `keys`, up to 1000 per request."""
-        names = [self.prefix + self._check(key) for key in dict.fromkeys(keys)]
+        names = [self.prefix + check_key(key) for key in dict.fromkeys(keys)]
         s3 = await self._s3()
         for start in range(0, len(names), _BATCH):
             await self._delete(s3, names[start : start + _BATCH])
@@ -252,7 +254,7 @@ class S3BlobStore:
                 old = [
                     item["Key"]
                     for item in page.get("Contents", [])
-                    if _KEY.fullmatch(item["Key"][len(self.prefix) :])
+                    if is_key(item["Key"][len(self.prefix) :])
                     and item["LastModified"].timestamp() < cutoff
                 ]
                 if old:
@@ -287,12 +289,6 @@ class S3BlobStore:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-    @staticmethod
-    def _check(key: str) -> str:
-        if not _KEY.fullmatch(key):
-            raise NotFound(f"image {key!r} not found")
-        return key
 
     def __repr__(self) -> str:
         return (
