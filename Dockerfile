@@ -28,9 +28,9 @@ LABEL org.opencontainers.image.title="sia" \
 # The read-only root filesystem of the Kubernetes manifests works because
 # bytecode is compiled at build time and nothing else writes outside DATA_DIR.
 # PYTHONMALLOC=malloc is what `sia serve` would re-execute itself with (see
-# sia/cli.py: freed heap goes back to the OS after a burst); set here, it starts once.
-# No PYTHONUNBUFFERED needed: the server writes its log lines itself, together every
-# 10 ms on the event loop and at once elsewhere (sia/logs.py), either way.
+# sia/runtime.py: freed heap goes back to the OS after a burst); set here, it starts once.
+# No PYTHONUNBUFFERED needed: the server writes its log lines itself, in batches on
+# the event loop and at once elsewhere (sia/logs.py), either way.
 ENV PATH=/opt/sia/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONMALLOC=malloc \

@@ -8,8 +8,8 @@ PY     := $(BIN)/python
 IMAGE  ?= sia:latest
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev proto lint-proto dev run build test test-coverage fmt lint \
-        docker-build docker-run clean bench bench-smoke
+.PHONY: help install install-tools install-dev proto lint-proto dev run build test test-coverage fmt lint \
+        docker-build docker-run clean bench bench-smoke test-quick
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -30,7 +30,9 @@ node_modules/.bin/buf: package.json package-lock.json
 
 install: $(BIN)/sia ## Create .venv and install the service
 
-install-dev: $(VENV)/.dev node_modules/.bin/buf ## Install the development and test tools
+install-tools: $(VENV)/.dev node_modules/.bin/buf ## Install the development and test tools (.venv, node_modules)
+
+install-dev: install-tools ## The same as install-tools
 
 proto: $(VENV)/.dev ## Regenerate src/sia/api from proto/ (code and .pyi stubs)
 	$(PY) scripts/generate_proto.py
@@ -47,12 +49,15 @@ run: $(BIN)/sia ## Run the server on its embedded defaults (no API key needed)
 build: $(VENV)/.dev ## Build the sdist and wheel into dist/
 	$(PY) -m build --outdir dist .
 
-test: install-dev ## Lint, then run every test
+test: install-tools ## Lint, check the deployment files, then run every test
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory check-deploy
 	$(BIN)/pytest
 
-test-coverage: install-dev ## Run every test with a coverage report
+test-quick: install-tools ## The tests without the slow ones (bench smoke, A/B, crash and restart)
+	$(BIN)/pytest -m "not slow"
+
+test-coverage: install-tools ## Run every test with a coverage report
 	$(BIN)/pytest --cov --cov-report=term-missing --cov-report=html
 
 fmt: $(VENV)/.dev ## Format and auto-fix the code
