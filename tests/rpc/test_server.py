@@ -21,6 +21,7 @@ from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
 from sia.rpc.server import GenericHandlersOnly, server_options
 from tests.helpers import MakeSettings
+from tests.waiting import within
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -71,15 +72,14 @@ async def test_open_watches_end_when_shutdown_begins(make_settings: MakeSettings
             ]
             for call in calls:
                 assert (await call.read()).status == SERVING  # type: ignore[union-attr]
-            started = asyncio.get_running_loop().time()
             shutdown = asyncio.create_task(app.shutdown())
             for call in calls:
                 last = await asyncio.wait_for(call.read(), 5)
                 assert last.status == NOT_SERVING  # type: ignore[union-attr]
                 assert await asyncio.wait_for(call.read(), 5) is grpc.aio.EOF
                 assert await call.code() == grpc.StatusCode.OK
-            await asyncio.wait_for(shutdown, 10)
-            assert asyncio.get_running_loop().time() - started < 5  # not the 20 s of grace
+            # Well within the 20 s of grace: the watches did not hold shutdown.
+            await within(shutdown, "shutdown waited for the open watches", timeout=10)
     finally:
         await app.shutdown()
 
