@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from sia import cli
+from tests.helpers import LogConfig
 
 
 def test_parser_knows_both_commands() -> None:
@@ -24,3 +28,28 @@ def test_bad_configuration_exits_2_naming_the_variable(
         "sia: configuration error: GRPC_PORT: Input should be a valid integer, "
         "unable to parse string as an integer"
     ]
+
+
+def test_a_port_in_use_exits_1_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    log_config: LogConfig,
+) -> None:
+    """A gRPC port another process holds stops start-up with one line naming it, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "tune_gc", lambda: None)  # keep the suite's GC as it is
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for name, value in {
+            "GRPC_HOST": "127.0.0.1",
+            "GRPC_PORT": str(port),
+            "HTTP_PORT": "0",
+        }.items():
+            monkeypatch.setenv(name, value)
+        assert cli.main(["serve"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sia: cannot start: GRPC_PORT: cannot listen on 127.0.0.1:{port} (in use, or not allowed)"
+    )

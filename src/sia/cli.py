@@ -40,6 +40,7 @@ def _serve(_: argparse.Namespace) -> int:
         return 2
     except OSError as exc:
         log.error("startup_failed", error=str(exc))
+        print(f"sia: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -145,9 +145,13 @@ class GrpcServer:
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
             reflection.aio.ReflectionServicer(names), registrar
         )
-        self.port = self.server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+        address = f"{settings.grpc_host}:{settings.grpc_port}"
+        try:  # grpcio raises RuntimeError for a port in use; older versions returned 0
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {settings.grpc_host}:{settings.grpc_port}")
+            raise OSError(f"GRPC_PORT: cannot listen on {address} (in use, or not allowed)")
         self._stopped = False
 
     async def start(self) -> None:
