@@ -9,7 +9,7 @@ IMAGE  ?= sia:latest
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-tools install-dev proto lint-proto dev run build test test-coverage fmt lint \
-        docker-build docker-run clean bench bench-smoke test-quick
+        docker-build docker-run clean bench bench-smoke test-quick fuzz
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ test: install-tools ## Lint, check the deployment files, then run every test
 
 test-quick: install-tools ## The tests without the slow ones (bench smoke, A/B, crash and restart)
 	$(BIN)/pytest -m "not slow"
+
+fuzz: install-tools ## Fuzz every RPC with 10,000 hypothesis examples each (minutes; see tests/rpc/test_fuzz.py)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -p no:cacheprovider -o timeout=0 --hypothesis-show-statistics tests/rpc/test_fuzz.py
 
 test-coverage: install-tools ## Run every test with a coverage report
 	$(BIN)/pytest --cov --cov-report=term-missing --cov-report=html

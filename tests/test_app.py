@@ -11,17 +11,21 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import grpc.aio
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sia.api.image.v1 import image_service_pb2 as pb
+from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
 from sia.config import Settings
-from sia.domain import GenerationRequest, GenerationResult, TaskStatus
+from sia.domain import GenerationRequest, GenerationResult, Task, TaskStatus
 from sia.providers.offline import OfflineProvider
 from tests.helpers import TEST_SIZE, MakeSettings
 from tests.process import client, serve, server_env
+from tests.storage.faults import full_disk, part_files, unwritable
 from tests.tasks.backend_helpers import REDIS_URL, delete_queue_keys, require_redis
 from tests.waiting import within
 
@@ -223,3 +227,124 @@ async def test_bad_config_exits_nonzero_with_one_line(
     assert len(lines) == 1, lines
     assert lines[0].startswith("sia: configuration error: ")
     assert message in lines[0]
+
+
+class CountingProvider(OfflineProvider):
+    """The offline provider, counting its (billed) generations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        self.calls += 1
+        return await super().generate(request, timeout=timeout)
+
+
+async def _health(app: App) -> tuple[int, int]:
+    """(/ready's HTTP status, gRPC health of image.v1.ImageService) right now."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{app.http_port}/ready") as ready,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+    ):
+        check = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="image.v1.ImageService")
+        )
+        return ready.status, check.status
+
+
+async def _health_becomes(app: App, expected: tuple[int, int], failure: str) -> None:
+    """Wait until /ready and gRPC health both say `expected`; fail the test otherwise."""
+
+    async def poll() -> None:
+        while await _health(app) != expected:
+            await asyncio.sleep(0.01)
+
+    await within(poll(), failure)
+
+
+SERVING = (200, health_pb2.HealthCheckResponse.SERVING)
+NOT_SERVING = (503, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+@pytest.mark.parametrize("fault", ["unwritable", "full"])
+async def test_image_store_fault_is_unavailable_and_takes_the_instance_out(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """An unwritable or full images directory: sync URL calls answer UNAVAILABLE naming the
+    store (not INTERNAL), /ready and gRPC health go out together and come back once it is
+    writable again, and no `.part` file is left."""
+    async with App(make_settings(), readiness_interval=0.01) as app:
+        root = app.store.image_dir
+        assert root is not None
+        await _health_becomes(app, SERVING, "a healthy instance is not serving")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = pb_grpc.ImageServiceStub(channel)
+            with unwritable(root) if fault == "unwritable" else full_disk(monkeypatch):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=30)
+                await _health_becomes(app, NOT_SERVING, "a broken image store kept it serving")
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"http://127.0.0.1:{app.http_port}/ready") as ready,
+                ):
+                    reasons = (await ready.json())["reasons"]
+                assert "images" in reasons
+            await _health_becomes(app, SERVING, "a mended image store did not bring it back")
+            response = await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=30)
+            assert response.images[0].url
+        assert part_files(root) == []
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (caught.value.details() or "").startswith("the image store cannot write: ")
+    assert str(root) not in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize("recovers", [True, False])
+async def test_a_task_retries_its_store_never_its_generation(
+    backend_settings: Settings, monkeypatch: pytest.MonkeyPatch, recovers: bool
+) -> None:
+    """A task whose images cannot be stored tries the store again, not the (billed)
+    generation: SUCCEEDED once the disk has room, else FAILED with IMAGE_STORE_UNAVAILABLE."""
+    monkeypatch.setattr("sia.service.STORE_RETRY_DELAYS", (0.0, 0.0))
+    provider = CountingProvider()
+    request = GenerationRequest(prompt="x", model=backend_settings.image_model, size=TEST_SIZE)
+    async with App(backend_settings, provider=provider) as app:
+        with full_disk(monkeypatch, image_writes=2 if recovers else None):
+            task = await app.service.submit(request)
+
+            async def finished() -> Task:
+                while not (current := await app.tasks.get(task.id)).status.is_terminal:
+                    await asyncio.sleep(0.01)
+                return current
+
+            done = await within(finished(), "the task never finished")
+        assert provider.calls == 1
+        if recovers:
+            assert done.status is TaskStatus.SUCCEEDED, done.error
+            assert done.result is not None and done.result.images[0].blob_key
+        else:
+            assert done.status is TaskStatus.FAILED
+            assert done.error is not None
+            assert done.error.code == "IMAGE_STORE_UNAVAILABLE"
+            assert "No space left on device" in done.error.message
+        root = app.store.image_dir
+        assert root is not None and part_files(root) == []
+
+
+async def test_a_task_store_that_stops_answering_takes_grpc_health_out(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task store's check feeds gRPC health as well as /ready, out and back."""
+    async with App(make_settings(), readiness_interval=0.01) as app:
+        await _health_becomes(app, SERVING, "a healthy instance is not serving")
+        answering = False
+
+        async def ready() -> bool:
+            return answering
+
+        monkeypatch.setattr(app.tasks, "ready", ready)
+        app.readiness.add_check("tasks", app.tasks.ready, "task store is not answering")
+        await _health_becomes(app, NOT_SERVING, "a silent task store kept gRPC health SERVING")
+        answering = True
+        await _health_becomes(app, SERVING, "the task store's recovery did not bring it back")

@@ -1,10 +1,13 @@
-"""Readiness: the serving flag, its listeners, and problems that expire."""
+"""Readiness: the serving flag, its listeners, problems that expire, and checked components."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 
 from sia.health import Readiness
+from tests.waiting import until
 
 
 def started() -> tuple[Readiness, list[bool]]:
@@ -64,22 +67,77 @@ async def test_a_new_report_restarts_the_expiry_and_a_clear_cancels_it() -> None
     assert readiness._expiries == {}
 
 
-async def test_checks_run_on_demand_only_when_nothing_else_is_wrong() -> None:
-    """A component checked on demand adds its problem; while starting it is not asked."""
-    readiness = Readiness()
-    answers: list[bool] = []
+async def test_checks_report_into_the_one_state_and_listeners_hear_them() -> None:
+    """A failing check takes the instance out, its recovery brings it back: `reasons()` and
+    the listeners (gRPC health) both follow, and each component speaks for itself."""
+    readiness, changes = started()
+    healthy = {"tasks": True, "images": True}
 
-    async def tasks_answer() -> bool:
-        answers.append(True)
-        return healthy
+    def answer(component: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return healthy[component]
 
-    healthy = False
-    readiness.add_check("tasks", tasks_answer, "task store is not answering")
-    assert await readiness.reasons() == {"server": "starting"}
-    assert answers == []
-    readiness.mark_started()
+        return check
+
+    readiness.add_check("tasks", answer("tasks"), "task store is not answering")
+    readiness.add_check("images", answer("images"), "image store cannot write")
+    await readiness.check()
+    assert await readiness.reasons() == {}
+
+    healthy["images"] = False
+    await readiness.check()
+    assert await readiness.reasons() == {"images": "image store cannot write"}
+    healthy["tasks"] = False
+    await readiness.check()
+    assert set(await readiness.reasons()) == {"images", "tasks"}
+    healthy["images"] = True
+    await readiness.check()
     assert await readiness.reasons() == {"tasks": "task store is not answering"}
-    healthy = True
+    assert not readiness.serving
+    healthy["tasks"] = True
+    await readiness.check()
     assert await readiness.ready()
+    assert changes == [False, True, False, True]  # out once, back once
+
     readiness.begin_shutdown()
     assert await readiness.reasons() == {"server": "shutting down"}
+
+
+async def test_a_check_that_raises_or_hangs_is_a_failing_component() -> None:
+    """An exception or no answer within the timeout counts as the component failing."""
+    readiness, _ = started()
+    never = asyncio.Event()
+
+    async def raises() -> bool:
+        raise OSError("disk gone")
+
+    async def hangs() -> bool:
+        await never.wait()
+        return True
+
+    readiness.add_check("images", raises, "image store cannot write")
+    readiness.add_check("tasks", hangs, "task store is not answering")
+    await readiness.check(timeout=0.01)
+    reasons = await readiness.reasons()
+    assert reasons["images"] == "image store cannot write"
+    assert reasons["tasks"].startswith("task store is not answering (no answer within")
+
+
+async def test_monitor_runs_the_checks_until_cancelled() -> None:
+    """The monitor notices a failure and a recovery by itself."""
+    readiness, _ = started()
+    healthy = False
+
+    async def check() -> bool:
+        return healthy
+
+    readiness.add_check("tasks", check, "task store is not answering")
+    monitor = asyncio.create_task(readiness.monitor(0.01))
+    try:
+        await until(lambda: not readiness.serving, "the monitor never saw the failure")
+        healthy = True
+        await until(lambda: readiness.serving, "the monitor never saw the recovery")
+    finally:
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor

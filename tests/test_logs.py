@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from datetime import UTC, datetime
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -214,10 +215,75 @@ def test_access_line_has_the_shape_structlog_gives_every_line(
 def test_access_line_follows_format_and_level(
     capsys: pytest.CaptureFixture[str], log_config: LogConfig
 ) -> None:
-    """Console format renders it through structlog; above info it is not written."""
+    """Console format renders it through structlog; below LOG_LEVEL it is not written."""
     log_config("info", "console")
     AccessLog("sia.rpc")("rpc", code="OK")
     assert "rpc" in capsys.readouterr().out
     log_config("warning")
     AccessLog("sia.rpc")("rpc", code="OK")
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("log_level", "written"),
+    [
+        ("debug", ["info", "warning", "error"]),
+        ("info", ["info", "warning", "error"]),
+        ("warning", ["warning", "error"]),
+        ("error", ["error"]),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_access_line_levels_follow_log_level(
+    capsys: pytest.CaptureFixture[str],
+    log_config: LogConfig,
+    log_level: str,
+    written: list[str],
+    fmt: str,
+) -> None:
+    """An access line is written at its own level when LOG_LEVEL lets that level through,
+    so an error line still shows at LOG_LEVEL=error, in either format."""
+    log_config(log_level, fmt)
+    access = AccessLog("sia.rpc")
+    for level in logs.ACCESS_LEVELS:
+        access("rpc", level, code=f"code_{level}")
+    OUTPUT.flush()
+    out = capsys.readouterr().out
+    assert [level for level in logs.ACCESS_LEVELS if f"code_{level}" in out] == written
+    if fmt == "json":
+        assert [line["level"] for line in _lines_of(out)] == written
+
+
+def _lines_of(out: str) -> list[dict[str, object]]:
+    return [json.loads(x) for x in out.splitlines()]
+
+
+def _fail_with_a_prompt_in_scope() -> None:
+    prompt = "secret prompt text"  # a local a trace with locals would show
+    raise RuntimeError(f"failed after {len(prompt)} characters")
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_error_traces_carry_frames_without_locals(
+    capsys: pytest.CaptureFixture[str], log_config: LogConfig, fmt: str
+) -> None:
+    """A logged exception names its frames but none of their local variables, from structlog
+    and from standard-library loggers alike."""
+    log_config("info", fmt)
+    for logger in (get_logger("sia.test"), logging.getLogger("sia.stdlib")):
+        try:
+            _fail_with_a_prompt_in_scope()
+        except RuntimeError:
+            logger.exception("failed")
+    OUTPUT.flush()
+    out = capsys.readouterr().out
+    assert out.count("_fail_with_a_prompt_in_scope") >= 2
+    assert "secret prompt text" not in out
+    if fmt == "json":
+        lines = _lines_of(out)
+        assert [line["level"] for line in lines] == ["error", "error"]
+        for line in lines:
+            [exception] = cast("list[dict[str, Any]]", line["exception"])
+            frames = exception["frames"]
+            assert frames[-1]["name"] == "_fail_with_a_prompt_in_scope"
+            assert all("locals" not in frame for frame in frames)

@@ -51,6 +51,7 @@ def test_service_metrics_render_with_no_calls_yet() -> None:
         "grpc_server_handled_total",
         "grpc_server_handling_seconds",
         "grpc_server_in_flight_requests",
+        "sia_undecodable_requests_total",
         "sia_upstream_request_seconds",
         "sia_images_generated_total",
     ):

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
+import os
 from datetime import timedelta
 
 import pytest
+from PIL import Image
 
 from sia import service
 from sia.app import App
 from sia.domain import GenerationRequest, GenerationResult, TaskStatus, utcnow
-from sia.errors import DeadlineExceeded, TaskNotFound
+from sia.errors import DeadlineExceeded, InvalidArgument, ReferencesBusy, TaskNotFound
 from sia.models import ARK_MODELS
 from sia.providers.ark import ArkProvider
+from sia.validation import INLINE_DECODE_CHARS, MAX_REFERENCE_TOTAL_BYTES
 from tests.helpers import TEST_SIZE, MakeSettings
 from tests.providers.scripted import Reply, ScriptedClient
 
@@ -124,3 +129,73 @@ async def test_image_timeout_ends_a_hanging_ark_call(make_settings: MakeSettings
         assert isinstance(ended, DeadlineExceeded), f"IMAGE_TIMEOUT did not fire: {ended!r}"
         assert len(client.sent) == 1  # ended, not retried
         assert _timeouts(app) == 1
+
+
+def _noise_png(side: int = 200) -> str:
+    """A data URI of a PNG of random pixels: longer than INLINE_DECODE_CHARS, so checked late."""
+    buf = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert len(uri) > INLINE_DECODE_CHARS
+    return uri
+
+
+def _with_images(*images: str) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="x", model="doubao-seedream-4-0-250828", size=TEST_SIZE, images=images
+    )
+
+
+async def test_large_references_are_decoded_and_named(make_settings: MakeSettings) -> None:
+    """Data URIs too long to decode where validated are checked before the call and the
+    submission, each problem naming its images[i]; good ones pass and free their budget."""
+    not_png = "data:image/png;base64," + base64.b64encode(os.urandom(60_000)).decode()
+    not_base64 = "data:image/png;base64," + "@" * INLINE_DECODE_CHARS
+    async with App(make_settings()) as app:
+        bad = _with_images(_noise_png(), not_png, "https://example.com/a.png", not_base64)
+        for call in (app.service.generate, app.service.submit):
+            with pytest.raises(InvalidArgument) as info:
+                await call(bad)
+            assert {v.field: v.description for v in info.value.violations} == {
+                "images[1]": "data URI payload is not a readable png image",
+                "images[3]": "data URI payload is not valid base64",
+            }
+        result = await app.service.generate(_with_images(_noise_png()))
+        assert result.images[0].ok
+        assert app.service.references.held == 0
+
+
+async def test_references_over_the_request_total_are_refused_unread(
+    make_settings: MakeSettings,
+) -> None:
+    """References that together imply more than MAX_REFERENCE_TOTAL_BYTES are refused,
+    naming `images`, from their lengths alone."""
+    each = "data:image/png;base64," + "A" * (MAX_REFERENCE_TOTAL_BYTES // 3 * 4 // 3 + 4)
+    async with App(make_settings()) as app:
+        with pytest.raises(InvalidArgument) as info:
+            await app.service.generate(_with_images(each, each, each))
+        assert [v.field for v in info.value.violations] == ["images"]
+
+
+async def test_reference_budget_full_answers_resource_exhausted(
+    make_settings: MakeSettings,
+) -> None:
+    """While calls in flight hold the references budget, another call carrying references is
+    refused at once with a retry delay; calls without references are not affected."""
+    async with App(make_settings(), provider=HangingProvider()) as app:
+        reference = _noise_png()
+        app.service.references.limit = len(reference)  # room for one such call
+        holding = asyncio.create_task(app.service.generate(_with_images(reference)))
+        while app.service.references.held == 0:
+            await asyncio.sleep(0.005)
+        with pytest.raises(ReferencesBusy) as info:
+            await app.service.generate(_with_images(reference))
+        assert info.value.retry_after
+        plain = asyncio.create_task(app.service.generate(_request()))
+        await asyncio.sleep(0)
+        assert not plain.done()  # waiting on the provider, not refused
+        for task in (holding, plain):
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert app.service.references.held == 0

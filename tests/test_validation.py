@@ -292,3 +292,65 @@ def test_every_limit_on_both_sides_of_its_edge(
     """The last value inside each limit passes; the first one outside names its field."""
     validate_request(DEFAULTS, **{"prompt": "a cat", **accepted})  # type: ignore[arg-type]
     assert set(violations(**rejected)) == {field}
+
+
+FULL_WIDTH_1024 = "\uff11\uff10\uff12\uff14x\uff11\uff10\uff12\uff14"
+
+
+@pytest.mark.parametrize(
+    "size",
+    # Superscript two; full-width digits; Arabic-Indic digits; a leading zero.
+    [
+        "²x²",
+        "1024x1024²",
+        FULL_WIDTH_1024,
+        "1280x\uff17\uff12\uff10",
+        "1280x720\u0663",
+        "\u0663x\u0663",
+        "01280x720",
+    ],
+)
+def test_sizes_take_ascii_digits_only(size: str) -> None:
+    """Superscript, full-width and other non-ASCII digits (and leading zeros) name `size`."""
+    assert "neither a size keyword nor WxH" in violations(size=size)["size"]
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "http://[",
+        "http://[::1",
+        "http://℀/",
+        "http://example.com:99999/a.png",
+        "http://example.com:port/a.png",
+        "http://exa mple.com/a.png",
+        "http://example.com/a\x00.png",
+        "http://example.com/\na.png",
+    ],
+)
+def test_unparseable_urls_name_the_image(ref: str) -> None:
+    """Every URL the parser refuses, or that holds spaces or control characters, is named."""
+    assert "http(s) URL" in violations(images=[REF, ref])["images[1]"]
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"), [("model", 128), ("size", 32), ("request_id", 128), ("prompt", 4000)]
+)
+def test_string_fields_have_length_limits(field: str, limit: int) -> None:
+    """A value past its field's limit is refused by length, not echoed back in full."""
+    found = violations(**{field: "7" * (limit + 1)})
+    assert set(found) == {field}
+    assert str(limit) in found[field]
+    assert "7" * 65 not in found[field]
+    huge = violations(**{field: "7" * 10_000})[field]
+    assert len(huge) < 200
+
+
+def test_echoed_values_are_cut_short() -> None:
+    """A bad value within its length limit is echoed at most 64 characters long."""
+    for description in (
+        violations(model="m" * 128)["model"],
+        ARK_MODELS[DEFAULTS.model].check_size("s" * 100) or "",
+    ):
+        assert "…" in description
+        assert max(len(run) for run in description.replace("…", " ").split()) <= 66

@@ -1,7 +1,10 @@
 """The application: opens every resource, runs until a signal, shuts down in order.
 
 Start-up order: blob store, provider, task backend (its workers start), gRPC
-server, HTTP server, retention sweeper; then readiness turns serving.
+server, HTTP server, retention sweeper, readiness monitor; then readiness
+turns serving. The monitor checks the task store and the blob store every
+READINESS_INTERVAL seconds, so either one failing takes the instance out of
+`/ready` and gRPC health alike, and its recovery brings it back.
 
 Shutdown order (SIGTERM or SIGINT):
   1. readiness off: `/ready` answers 503, grpc.health.v1 NOT_SERVING, and
@@ -46,6 +49,10 @@ if TYPE_CHECKING:
 
 log = get_logger("sia.app")
 
+#: Seconds between readiness checks of the task and blob stores: each is one cheap
+#: round trip, and a short outage (a Redis restart) should still show in health.
+READINESS_INTERVAL = 2.0
+
 
 def build_provider(settings: Settings, readiness: Readiness) -> ImageProvider:
     """The provider that IMAGE_PROVIDER (or the presence of a key) selects.
@@ -88,12 +95,16 @@ def build_tasks(settings: Settings, metrics: Metrics) -> TaskBackend:
             job_timeout=settings.image_timeout + 30,
             heartbeat=settings.task_heartbeat,
             max_attempts=settings.task_max_attempts,
+            require_persistence=(
+                settings.app_environment == "production" and settings.redis_require_persistence
+            ),
             metrics=metrics,
         )
     return SqliteTaskBackend(
         settings.data_dir / "tasks.db",
         workers=settings.task_workers,
         queue_limit=settings.task_queue_limit,
+        max_attempts=settings.task_max_attempts,
         metrics=metrics,
     )
 
@@ -120,12 +131,20 @@ def build_store(settings: Settings, http_url: Callable[[], str]) -> BlobStore:
 class App:
     """One running SIA instance; use as `async with App(settings) as app:`.
 
-    `provider` replaces the one the settings select (tests pass their own).
+    `provider` replaces the one the settings select (tests pass their own);
+    `readiness_interval` is the seconds between the stores' readiness checks.
     """
 
-    def __init__(self, settings: Settings, *, provider: ImageProvider | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        provider: ImageProvider | None = None,
+        readiness_interval: float = READINESS_INTERVAL,
+    ) -> None:
         self.settings = settings
         self._provider = provider
+        self._readiness_interval = readiness_interval
         self.metrics = Metrics()
         self.readiness = Readiness()
         self._stack = AsyncExitStack()
@@ -176,6 +195,9 @@ class App:
         self.readiness.on_change(lambda serving: self._spawn(self.grpc.set_serving(serving)))
 
         self.readiness.add_check("tasks", self.tasks.ready, "task store is not answering")
+        self.readiness.add_check(
+            "images", self.store.ready, "image store cannot write or is out of space"
+        )
         self.metrics.before_scrape(self.service.publish_task_stats)
         self.http = HttpServer(
             settings, readiness=self.readiness, metrics=self.metrics, images=self.store.image_dir
@@ -187,6 +209,9 @@ class App:
 
         sweeper = asyncio.create_task(self._sweep_forever(), name="sia-retention-sweeper")
         stack.push_async_callback(_cancel, sweeper)
+        await self.readiness.check()  # a store already broken keeps the instance out from the start
+        monitor = self.readiness.monitor(self._readiness_interval)
+        stack.push_async_callback(_cancel, asyncio.create_task(monitor, name="sia-readiness"))
 
         self.metrics.info.labels(settings.app_version, self.provider.name).set(1)
         self.readiness.mark_started()

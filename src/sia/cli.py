@@ -12,7 +12,7 @@ from sia import __version__
 from sia.config import load_settings
 from sia.errors import ConfigError
 from sia.logs import configure_logging, get_logger
-from sia.runtime import exec_with_malloc_heap, heap_upkeep, run, tune_gc
+from sia.runtime import exec_with_malloc_heap, heap_upkeep, run, tune_gc, tune_malloc
 
 log = get_logger("sia.cli")
 
@@ -27,6 +27,7 @@ def _serve(_: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     tune_gc()
+    tune_malloc()
     if settings.provider == "offline":
         log.warning(
             "offline_provider",

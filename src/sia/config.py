@@ -83,6 +83,7 @@ class Settings(BaseSettings):
     task_heartbeat: Annotated[float, Field(ge=1)] = 20.0
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
     redis_queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "sia"
+    redis_require_persistence: bool = True  # refuse, in production, a Redis that persists nothing
     shutdown_grace: Seconds = 30.0
 
     blob_store: Literal["local", "s3"] = "local"

@@ -11,13 +11,16 @@ else that escapes a handler is a bug and becomes INTERNAL.
     │   └── TaskNotFound           no task has that id
     ├── FailedPrecondition
     │   ├── TaskNotCancellable     the task has already finished
-    │   └── ProviderMisconfigured  the provider refused this service's key, account or model
+    │   ├── ProviderMisconfigured  the provider refused this service's key or account
+    │   └── ModelUnavailable       the provider account has not enabled the model asked for
     ├── ResourceExhausted
     │   ├── QueueFull              too many tasks are waiting
+    │   ├── ReferencesBusy         reference images in flight fill the process's byte budget
     │   ├── UpstreamRateLimited    the provider's rate limit (retried first)
     │   └── UpstreamQuotaExceeded  the provider's quota or spending limit (not retried)
     ├── Unavailable
     │   ├── ShuttingDown           the server is draining
+    │   ├── ImageStoreUnavailable  the blob store cannot keep or read images (disk, S3)
     │   └── UpstreamUnavailable    5xx, timeout or connection failure (retried first)
     ├── DeadlineExceeded           the generation ran past IMAGE_TIMEOUT
     └── ConfigError                a setting is missing or wrong (start-up only)
@@ -119,12 +122,24 @@ class TaskNotCancellable(FailedPrecondition):
 
 
 class ProviderMisconfigured(FailedPrecondition):
-    """The provider refused this service's own credentials, account or model access.
+    """The provider refused this service's own credentials or account.
 
-    The caller did nothing wrong: the server needs an operator's attention.
+    The caller did nothing wrong: the server needs an operator's attention,
+    and readiness takes the instance out of rotation.
     """
 
     reason = "PROVIDER_MISCONFIGURED"
+
+
+class ModelUnavailable(FailedPrecondition):
+    """The provider account has not enabled (or no longer offers) the model asked for.
+
+    Only calls for that model fail: the key works, so the instance stays in
+    rotation (any client could otherwise take every replica out in turn).
+    `metadata["model"]` names the model.
+    """
+
+    reason = "MODEL_NOT_ENABLED"
 
 
 class ResourceExhausted(SiaError):
@@ -171,6 +186,13 @@ class UpstreamRateLimited(Retryable, ResourceExhausted):
     retry_after = 1.0
 
 
+class ReferencesBusy(ResourceExhausted):
+    """The reference images of the calls in flight already hold the process's byte budget."""
+
+    reason = "REFERENCES_BUSY"
+    retry_after = 1.0
+
+
 class UpstreamQuotaExceeded(ResourceExhausted):
     """The provider account's quota or spending limit is used up."""
 
@@ -191,6 +213,15 @@ class ShuttingDown(Unavailable):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry on another instance")
+
+
+class ImageStoreUnavailable(Unavailable):
+    """The blob store cannot write or read images now (unwritable or full disk, S3 down).
+
+    Not `Retryable`: a task retries the store, never the billed generation.
+    """
+
+    reason = "IMAGE_STORE_UNAVAILABLE"
 
 
 class UpstreamUnavailable(Retryable, Unavailable):

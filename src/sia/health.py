@@ -1,10 +1,16 @@
 """Readiness: one place that decides whether this instance should get traffic.
 
 The HTTP `/ready` endpoint, the gRPC health service and the HealthCheck RPC
-all read it. It is serving once start-up has finished, until shutdown begins,
-and while no component has reported itself unfit (for example a provider
-whose credentials were refused). `reasons()` also asks the components that
-are checked on demand (the task store) whether they answer.
+all read the one state kept here. It is serving once start-up has finished,
+until shutdown begins, and while no component has a problem on record.
+
+Components report problems in two ways. Some report as they go (a provider
+whose credentials were refused). The others register a check (`add_check`:
+the task store, the blob store), which `check()` runs and `monitor()` runs
+every few seconds; each failing check reports its component's problem and a
+passing one clears it, so listeners (gRPC health) hear every change and
+`/ready` reads the same state. Each component takes the instance out while
+it fails and brings it back when it recovers.
 
 A problem may be reported with an expiry: the provider's is, because an
 instance out of rotation gets no calls that could show the problem fixed
@@ -26,6 +32,10 @@ if TYPE_CHECKING:
 log = get_logger("sia.health")
 
 
+#: How long one check may take before its component counts as failing.
+CHECK_TIMEOUT = 5.0
+
+
 class Readiness:
     """Start-up, shutdown and component problems folded into one serving flag."""
 
@@ -43,20 +53,61 @@ class Readiness:
         return self.started and not self.shutting_down and not self.problems
 
     def add_check(self, component: str, check: Callable[[], Awaitable[bool]], problem: str) -> None:
-        """Ask `check()` on every readiness query; False reports `problem` for `component`."""
+        """Let `check()` and `monitor()` ask `check`; False reports `problem` for `component`."""
         self._checks[component] = (check, problem)
 
+    async def check(self, *, timeout: float = CHECK_TIMEOUT) -> None:
+        """Run every registered check at once and report each outcome.
+
+        A check that raises, or has not answered within `timeout` seconds,
+        fails like one that returns False: a store that hangs is not ready.
+        """
+        components = list(self._checks)
+        outcomes = await asyncio.gather(
+            *(self._run_check(component, timeout) for component in components)
+        )
+        for component, problem in zip(components, outcomes, strict=True):
+            before = self.problems.get(component)
+            if problem == before:
+                continue
+            if problem is None:
+                log.info("readiness_restored", component=component, problem=before)
+            else:
+                log.error("readiness_lost", component=component, problem=problem)
+            self.report(component, problem)
+
+    async def _run_check(self, component: str, timeout: float) -> str | None:
+        check, problem = self._checks[component]
+        try:
+            async with asyncio.timeout(timeout):
+                ok = await check()
+        except TimeoutError:
+            return f"{problem} (no answer within {timeout:g} s)"
+        except Exception as exc:  # a broken check is a failing component, not a dead monitor
+            log.warning("readiness_check_failed", component=component, error=type(exc).__name__)
+            return problem
+        return None if ok else problem
+
+    async def monitor(self, interval: float) -> None:
+        """Run `check()` every `interval` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check(timeout=min(CHECK_TIMEOUT, interval))
+            except Exception:  # keep watching: the next round may tell
+                log.exception("readiness_monitor_failed")
+
     async def reasons(self) -> dict[str, str]:
-        """Why this instance should not get traffic now, by component; empty when it should."""
+        """Why this instance should not get traffic now, by component; empty when it should.
+
+        The state as reported; checks add to it through `check()`, not here,
+        so `/ready` and gRPC health never disagree.
+        """
         reasons = dict(self.problems)
         if not self.started:
             reasons["server"] = "starting"
         if self.shutting_down:
             reasons["server"] = "shutting down"
-        if not reasons:
-            for component, (check, problem) in self._checks.items():
-                if not await check():
-                    reasons[component] = problem
         return reasons
 
     async def ready(self) -> bool:

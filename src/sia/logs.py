@@ -6,6 +6,8 @@ every line logged meanwhile. Standard-library loggers (grpc, aiohttp,
 asyncio) go through the same renderer and the same output, so the whole
 process speaks one format, in order. The one access line per RPC
 (`AccessLog`) is rendered without the processor chain, to the same shape.
+Exception traces carry frames (file, line, function) but never their local
+variables, which may hold prompts or URLs.
 
 Lines written on an event loop leave together every FLUSH_INTERVAL rather
 than one by one (`LineOutput`): under load one write(2) carries the access
@@ -38,6 +40,8 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("sia_request_id", default=None)
 
 _SECRET_WORDS = ("api_key", "apikey", "authorization", "password", "secret", "token")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+#: The levels an access line may have, from its call's status.
+ACCESS_LEVELS = ("info", "warning", "error")
 
 
 def _request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
@@ -185,7 +189,7 @@ def _dumps(obj: Any, **kw: Any) -> str:
 
 
 class AccessLog:
-    """The info line written for every served RPC, without the processor chain.
+    """The line written for every served RPC, without the processor chain.
 
     In JSON format the line is built here: its fields, then `event`,
     `request_id`, `level`, `timestamp` and `logger`, the shape structlog
@@ -194,37 +198,40 @@ class AccessLog:
     renderers) is a noticeable share of SIA's own work per GenerateImage, and
     an access line needs none of it but the timestamp. Its fields must
     therefore hold no secrets (no redaction here).
-    With LOG_FORMAT=console the line goes through structlog; with LOG_LEVEL
-    above info it is not written.
+    `level` is one of ACCESS_LEVELS (the caller picks it from the status);
+    lines below LOG_LEVEL are not written. With LOG_FORMAT=console the line
+    goes through structlog.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._log = get_logger(name)
 
-    def __call__(self, event: str, **fields: Any) -> None:
-        """Write the line for `event` with `fields`."""
-        if _ACCESS.mode != "json":
-            if _ACCESS.mode == "structlog":
-                self._log.info(event, **fields)
+    def __call__(self, event: str, level: str = "info", /, **fields: Any) -> None:
+        """Write the line for `event` with `fields` at `level`."""
+        # One lookup decides both whether the level is written and how.
+        mode = _ACCESS[level]
+        if mode != "json":
+            if mode == "structlog":
+                getattr(self._log, level)(event, **fields)
             return
         fields["event"] = event
         request_id = REQUEST_ID.get()
         if request_id is not None:
             fields["request_id"] = request_id
-        fields["level"] = "info"
-        _timestamp(None, "info", fields)
+        fields["level"] = level
+        _timestamp(None, level, fields)
         fields["logger"] = self.name
         OUTPUT.write(_dumps(fields))
 
 
-class _AccessMode:
-    """How AccessLog writes: "json" (built directly), "structlog" or "off" (level)."""
+#: How AccessLog writes each level: "json" (built directly), "structlog" or "off" (LOG_LEVEL).
+_ACCESS = dict.fromkeys(ACCESS_LEVELS, "structlog")
 
-    mode = "structlog"
-
-
-_ACCESS = _AccessMode()
+#: Exception traces as data, without frame locals (prompts, URLs, request bodies).
+_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = True) -> None:
@@ -234,10 +241,9 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
     reach loggers already in use; tests want that, servers want the speed.
     """
     numeric = _LEVELS.get(level, logging.ERROR)
-    if numeric > logging.INFO:
-        _ACCESS.mode = "off"
-    else:
-        _ACCESS.mode = "json" if fmt == "json" else "structlog"
+    for name in ACCESS_LEVELS:
+        written = _LEVELS.get(name, logging.ERROR) >= numeric
+        _ACCESS[name] = ("json" if fmt == "json" else "structlog") if written else "off"
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         _request_id,
@@ -248,16 +254,15 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
     ]
     renderer: Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        # Pinned: the defaults when rich or better-exceptions is installed print locals.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stdout.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+    tracebacks = _tracebacks if fmt == "json" else _noop
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.dict_tracebacks if fmt == "json" else _noop,
-            renderer,
-        ],
+        processors=[*shared, structlog.processors.StackInfoRenderer(), tracebacks, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=lambda *_: _LOGGER,
         cache_logger_on_first_use=cache,
@@ -267,7 +272,11 @@ def configure_logging(level: str = "info", fmt: str = "json", *, cache: bool = T
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                tracebacks,
+                renderer,
+            ],
         )
     )
     root = logging.getLogger()

@@ -169,6 +169,14 @@ class Metrics:
             ("grpc_service", "grpc_method"),
             registry=r,
         )
+        self.undecodable_requests = LoopMetric(
+            "counter",
+            "sia_undecodable_requests_total",
+            "Unary RPCs whose request bytes did not parse as the method's message "
+            "(answered INVALID_ARGUMENT; also in grpc_server_handled_total).",
+            ("grpc_service", "grpc_method"),
+            registry=r,
+        )
         self.images_generated = LoopMetric(
             "counter",
             "sia_images_generated_total",
@@ -193,7 +201,7 @@ class Metrics:
         )
         self.task_retries = Counter(
             "sia_task_retries_total",
-            "Task attempts that failed transiently and were queued again.",
+            "Task attempts run again after an interruption (a crash or a drain).",
             ("backend",),
             registry=r,
         )

@@ -8,6 +8,7 @@ them to reject a request the upstream would reject, before any work.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,20 @@ KEYWORD_DIMENSIONS: Mapping[str, tuple[int, int]] = {
 
 #: Most reference images plus generated images in one sequential request.
 MAX_GROUP_IMAGES = 15
+
+#: Most characters of a client's value that an error message repeats.
+MAX_ECHO_CHARS = 64
+
+# ASCII digits only: str.isdigit also takes superscript and full-width digits, which
+# int() refuses or the upstream does not understand; no leading zeros either.
+_DIMENSIONS = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)", re.ASCII | re.IGNORECASE)
+
+
+def echo(value: str) -> str:
+    """`value` quoted for an error message, cut to MAX_ECHO_CHARS with an ellipsis."""
+    if len(value) > MAX_ECHO_CHARS:
+        value = value[:MAX_ECHO_CHARS] + "…"
+    return repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +78,10 @@ class ModelSpec:
             if size in self.size_keywords:
                 return None
             keywords = ", ".join(sorted(self.size_keywords)) or "none"
-            return f"{self.id} does not accept {size!r} (keywords it accepts: {keywords})"
+            return f"{self.id} does not accept {echo(size)} (keywords it accepts: {keywords})"
         dims = parse_dimensions(size)
         if dims is None:
-            return f"{size!r} is neither a size keyword nor WxH in pixels"
+            return f"{echo(size)} is neither a size keyword nor WxH in pixels"
         width, height = dims
         pixels = width * height
         if not self.min_pixels <= pixels <= self.max_pixels:
@@ -81,12 +96,9 @@ class ModelSpec:
 
 
 def parse_dimensions(size: str) -> tuple[int, int] | None:
-    """(width, height) for a `WxH` string with positive integers, else None."""
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        return None
-    w, h = int(width), int(height)
-    return (w, h) if w > 0 and h > 0 else None
+    """(width, height) for a `WxH` string of positive ASCII integers, else None."""
+    match = _DIMENSIONS.fullmatch(size)
+    return None if match is None else (int(match[1]), int(match[2]))
 
 
 SEEDREAM_4_0 = ModelSpec(

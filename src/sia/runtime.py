@@ -39,6 +39,9 @@ UPKEEP_BUSY_POLL = 0.5
 #: Net allocations that start a young collection between rounds: a backstop above what a
 #: burst of a few thousand calls holds, not the schedule.
 GC_YOUNG_THRESHOLD = 500_000
+#: Bytes from which glibc serves an allocation from its own mapping (see `tune_malloc`).
+MMAP_THRESHOLD = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
@@ -56,6 +59,22 @@ def tune_gc() -> None:
     """Freeze what start-up made (it lives as long as the process) and raise the threshold."""
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def tune_malloc() -> None:
+    """Serve allocations of MMAP_THRESHOLD bytes or more from their own mappings (glibc).
+
+    Request payloads of several MiB (data URIs, base64 images) then go back to
+    the OS the moment they are freed, instead of waiting in the heap for the
+    next trim; smaller allocations, the per-call ones, are unaffected. glibc
+    would otherwise raise its threshold to the largest block freed so far.
+    """
+    if malloc_trim() is None:  # not glibc
+        return
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def malloc_trim() -> Callable[[int], int] | None:

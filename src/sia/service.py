@@ -22,11 +22,19 @@ from sia.domain import (
     ResponseFormat,
     utcnow,
 )
-from sia.errors import DeadlineExceeded, NotFound, SiaError
+from sia.errors import (
+    DeadlineExceeded,
+    ImageStoreUnavailable,
+    NotFound,
+    ReferencesBusy,
+    SiaError,
+)
 from sia.logs import get_logger
-from sia.validation import Defaults
+from sia.validation import Defaults, check_images, check_reference_total
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from sia.config import Settings
     from sia.domain import Task
     from sia.health import Readiness
@@ -38,12 +46,43 @@ if TYPE_CHECKING:
 log = get_logger("sia.service")
 
 _EXPIRED = ImageError("IMAGE_EXPIRED", "the stored image has expired")
+#: Waits (seconds) before a task's store attempts after the first. A blip keeps the
+#: billed images; the total stays well inside the 30 s a Redis job has past IMAGE_TIMEOUT.
+STORE_RETRY_DELAYS = (1.0, 3.0, 8.0)
 _NO_TIMER = contextlib.nullcontext()
 
 
 def _as_bytes(request: GenerationRequest) -> GenerationRequest:
     """The same request, asking the provider for image bytes instead of its URLs."""
     return dataclasses.replace(request, response_format=ResponseFormat.B64_JSON)
+
+
+#: Decoded bytes of data-URI references that calls and submissions in flight may hold
+#: together (each holds about five times its share: message, strings, upstream body).
+REFERENCE_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+
+
+class ByteBudget:
+    """At most `limit` bytes held at once; a claim past it is refused, never queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def claim(self, size: int) -> Iterator[None]:
+        """Hold `size` bytes for the block, or raise ReferencesBusy when they would not fit."""
+        if self.held + size > self.limit:
+            raise ReferencesBusy(
+                f"reference images of other calls fill this instance's {self.limit:,} bytes "
+                "for them; retry shortly",
+                metadata={"limit_bytes": str(self.limit)},
+            )
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size
 
 
 class ImageService:
@@ -65,6 +104,7 @@ class ImageService:
         self.store = store
         self.metrics = metrics
         self.readiness = readiness
+        self.references = ByteBudget(REFERENCE_BYTES_IN_FLIGHT)
         self.defaults = Defaults(
             model=settings.image_model,
             size=settings.image_default_size,
@@ -85,7 +125,19 @@ class ImageService:
         For URL results, images the provider returns as bytes are stored so the
         URL points at this service; with STORE_RESULTS every image is fetched
         as bytes and stored, so its URL outlives the provider's.
+
+        Data-URI references are decoded and checked first, off the event loop,
+        and hold their share of REFERENCE_BYTES_IN_FLIGHT until the call ends.
         """
+        if request.images and (size := check_reference_total(request.images)):
+            with self.references.claim(size):
+                await check_images(request.images)
+                return await self._generate(request, caller_timeout)
+        return await self._generate(request, caller_timeout)
+
+    async def _generate(
+        self, request: GenerationRequest, caller_timeout: float | None
+    ) -> GenerationResult:
         store = request.response_format is ResponseFormat.URL
         if store and self.settings.store_results:
             result = await self._call_provider(_as_bytes(request), caller_timeout)
@@ -97,13 +149,18 @@ class ImageService:
         """Task runner: generate as bytes and keep every image in the blob store.
 
         Task results must outlive the provider's URLs (Ark's expire after 24 h),
-        so tasks always ask the provider for the image bytes.
+        so tasks always ask the provider for the image bytes. The generation is
+        billed: a failing blob store is retried, never the generation.
         """
         result = await self._call_provider(_as_bytes(task.request), None)
-        return await self._store_bytes(result)
+        return await self._store_bytes(result, retry_delays=STORE_RETRY_DELAYS)
 
     async def submit(self, request: GenerationRequest) -> Task:
         """Store `request` as a task (or return the task of its request_id)."""
+        if request.images and (size := check_reference_total(request.images)):
+            with self.references.claim(size):
+                await check_images(request.images)
+                return await self.tasks.submit(request)
         return await self.tasks.submit(request)
 
     async def get_task(self, task_id: str) -> Task:
@@ -170,8 +227,14 @@ class ImageService:
             metrics.images_generated.labels(result.model, "failure").inc(failed)
         return result
 
-    async def _store_bytes(self, result: GenerationResult) -> GenerationResult:
-        """Move inline image bytes into the blob store, linking each image to its blob."""
+    async def _store_bytes(
+        self, result: GenerationResult, *, retry_delays: tuple[float, ...] = ()
+    ) -> GenerationResult:
+        """Move inline image bytes into the blob store, linking each image to its blob.
+
+        After an `ImageStoreUnavailable` the images not yet stored are tried
+        again after each of `retry_delays` (seconds); then the error is raised.
+        """
         if not any(image.data for image in result.images):
             return result  # URL results: nothing to store
 
@@ -186,7 +249,23 @@ class ImageService:
                 data=b"",
             )
 
-        images = await asyncio.gather(*(store(image) for image in result.images))
+        images = list(result.images)
+        for delay in (*retry_delays, None):
+            outcomes = await asyncio.gather(*map(store, images), return_exceptions=True)
+            failure: ImageStoreUnavailable | None = None
+            for index, outcome in enumerate(outcomes):
+                if isinstance(outcome, ImageStoreUnavailable):
+                    failure = outcome  # keep the bytes; the next round tries this image again
+                elif isinstance(outcome, BaseException):
+                    raise outcome  # anything else is not the store's fault to wait out
+                else:
+                    images[index] = outcome
+            if failure is None:
+                break
+            if delay is None:
+                raise failure
+            log.warning("image_store_retry", delay_seconds=delay, error=failure.message)
+            await asyncio.sleep(delay)
         return dataclasses.replace(result, images=tuple(images))
 
     async def _materialize(

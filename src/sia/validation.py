@@ -6,6 +6,7 @@ naming the field as the client spells it (`images[2]`, `max_images`).
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import io
 import math
@@ -20,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sia.domain import GenerationRequest, ResponseFormat
 from sia.errors import FieldViolation, InvalidArgument
-from sia.models import MAX_GROUP_IMAGES, ModelSpec
+from sia.models import MAX_GROUP_IMAGES, ModelSpec, echo
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -31,6 +32,8 @@ MAX_REFERENCE_BYTES = 10 * 1024 * 1024
 MAX_REFERENCE_PIXELS = 36_000_000
 MIN_REFERENCE_SIDE = 15
 MAX_URL_CHARS = 4096
+MAX_MODEL_CHARS = 128
+MAX_SIZE_CHARS = 32
 SEED_RANGE = (-1, 2_147_483_647)
 GUIDANCE_RANGE = (1.0, 10.0)
 
@@ -45,8 +48,9 @@ REFERENCE_FORMATS: Mapping[str, str] = {
     "gif": "GIF",
 }
 
-_DATA_URI = re.compile(r"data:image/(?P<fmt>[^;,]+);base64,(?P<data>.*)", re.DOTALL)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# What urlsplit would strip or pass on silently: whitespace and control characters.
+_URL_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,25 +91,31 @@ def validate_request(
 
     model = model.strip() or defaults.model
     spec = defaults.models.get(model)
-    if spec is None:
-        bad("model", f"unknown model {model!r}; known: {', '.join(sorted(defaults.models))}")
+    if len(model) > MAX_MODEL_CHARS:
+        bad("model", f"is {len(model)} characters; at most {MAX_MODEL_CHARS}")
+    elif spec is None:
+        bad("model", f"unknown model {echo(model)}; known: {', '.join(sorted(defaults.models))}")
 
     size = size.strip()
-    if spec is not None:
+    if len(size) > MAX_SIZE_CHARS:
+        bad("size", f"is {len(size)} characters; at most {MAX_SIZE_CHARS}")
+    elif spec is not None:
         if not size:
             size = defaults.size if spec.check_size(defaults.size) is None else spec.default_size
         elif (problem := spec.check_size(size)) is not None:
             bad("size", problem)
 
-    for index, ref in enumerate(images):
-        if (problem := check_reference_image(ref)) is not None:
-            bad(f"images[{index}]", problem)
     if len(images) > MAX_REFERENCE_IMAGES:
+        # Counted first: too many references are refused without reading any of them.
         bad("images", f"{len(images)} reference images; at most {MAX_REFERENCE_IMAGES}")
-    elif spec is not None and not (
-        spec.min_reference_images <= len(images) <= spec.max_reference_images
-    ):
-        bad("images", _reference_count_rule(spec, len(images)))
+    else:
+        for index, ref in enumerate(images):
+            if (problem := check_reference_image(ref)) is not None:
+                bad(f"images[{index}]", problem)
+        if spec is not None and not (
+            spec.min_reference_images <= len(images) <= spec.max_reference_images
+        ):
+            bad("images", _reference_count_rule(spec, len(images)))
 
     if sequential:
         if spec is not None and not spec.sequential:
@@ -166,14 +176,84 @@ def check_reference_image(ref: str) -> str | None:
         return _check_data_uri(ref)
     if len(ref) > MAX_URL_CHARS:
         return f"URL is longer than {MAX_URL_CHARS} characters"
-    parts = urlsplit(ref)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http(s) URL or a data:image/<format>;base64, URI"
-    return None
+    wrong = "must be an http(s) URL or a data:image/<format>;base64, URI"
+    if _URL_UNSAFE.search(ref):
+        return f"{wrong}; found a space or control character"
+    try:
+        # urlsplit refuses bad IPv6 brackets and NFKC-unsafe hosts; .port a bad port.
+        parts = urlsplit(ref)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        _ = parts.port
+    except ValueError:
+        return f"{wrong}; this one does not parse"
+    return None if ok else wrong
 
 
 def _check_data_uri(ref: str) -> str | None:
-    match = _DATA_URI.fullmatch(ref)
+    # From the header and the length alone first: a payload is decoded only once it may be
+    # acceptable, and only a small one here, on the caller's thread (see check_images).
+    parts = _data_uri_parts(ref)
+    if isinstance(parts, str):
+        return parts
+    fmt, start = parts
+    least = (len(ref) - start) * 3 // 4 - 2  # base64: 3 bytes per 4 characters, minus padding
+    if least > MAX_REFERENCE_BYTES:
+        return f"image is at least {least:,} bytes; at most {MAX_REFERENCE_BYTES:,}"
+    return _decode_data_uri(ref, fmt, start) if len(ref) <= INLINE_DECODE_CHARS else None
+
+
+#: Decoded bytes of all data-URI references in one request.
+MAX_REFERENCE_TOTAL_BYTES = 32 * 1024 * 1024
+#: Data URIs up to this length are decoded where validated; longer ones by check_images,
+#: in a thread, so a 10 MB image does not hold the event loop.
+INLINE_DECODE_CHARS = 64 * 1024
+_DATA_URI_HEADER = re.compile(r"data:image/(?P<fmt>[^;,]+);base64,")
+_MAX_HEADER_CHARS = 64
+#: Pillow tries only the parsers of formats the upstream accepts (and can still say which).
+_PILLOW_FORMATS = sorted(set(REFERENCE_FORMATS.values()))
+
+
+def check_reference_total(images: Sequence[str]) -> int:
+    """The decoded bytes the data URIs among `images` imply by their length (URLs count 0),
+    or InvalidArgument naming `images` when that passes MAX_REFERENCE_TOTAL_BYTES."""
+    total = sum(len(ref) * 3 // 4 for ref in images if ref.startswith("data:"))
+    if total > MAX_REFERENCE_TOTAL_BYTES:
+        raise InvalidArgument.field(
+            "images",
+            f"reference images total about {total:,} bytes; at most {MAX_REFERENCE_TOTAL_BYTES:,}",
+        )
+    return total
+
+
+async def check_images(images: Sequence[str]) -> None:
+    """Decode and parse, in a thread, the data URIs that validate_request left for later
+    (longer than INLINE_DECODE_CHARS); InvalidArgument naming each bad `images[i]`."""
+    deferred = [
+        (index, ref)
+        for index, ref in enumerate(images)
+        if len(ref) > INLINE_DECODE_CHARS and ref.startswith("data:")
+    ]
+    if not deferred:
+        return
+    problems = await asyncio.to_thread(_decode_each, deferred)
+    if problems:
+        raise InvalidArgument(problems)
+
+
+def _decode_each(refs: list[tuple[int, str]]) -> list[FieldViolation]:
+    # One at a time: a request holds at most one decoded image.
+    problems = []
+    for index, ref in refs:
+        parts = _data_uri_parts(ref)
+        problem = parts if isinstance(parts, str) else _decode_data_uri(ref, *parts)
+        if problem is not None:
+            problems.append(FieldViolation(f"images[{index}]", problem))
+    return problems
+
+
+def _data_uri_parts(ref: str) -> tuple[str, int] | str:
+    """(format, where the payload starts), or what is wrong with the header."""
+    match = _DATA_URI_HEADER.match(ref, 0, _MAX_HEADER_CHARS)
     if match is None:
         return "malformed data URI; expected data:image/<format>;base64,<data>"
     fmt = match["fmt"]
@@ -182,8 +262,12 @@ def _check_data_uri(ref: str) -> str | None:
             f"unsupported image format {fmt!r}; use one of "
             f"{', '.join(sorted(set(REFERENCE_FORMATS) - {'jpg'}))} (lower case)"
         )
+    return fmt, match.end()
+
+
+def _decode_data_uri(ref: str, fmt: str, start: int) -> str | None:
     try:
-        data = pybase64.b64decode(match["data"], validate=True)
+        data = pybase64.b64decode(ref[start:], validate=True)
     except (binascii.Error, ValueError):
         return "data URI payload is not valid base64"
     if len(data) > MAX_REFERENCE_BYTES:
@@ -191,7 +275,7 @@ def _check_data_uri(ref: str) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS) as img:
                 actual, (width, height) = img.format, img.size
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         return f"data URI payload is not a readable {fmt} image"

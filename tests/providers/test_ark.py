@@ -184,11 +184,17 @@ ERROR_CASES = [
     ("AuthenticationError", grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"),
     ("AccountOverdueError", grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"),
     ("AccessDenied", grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"),
-    ("ModelNotOpen", grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_MISCONFIGURED"),
     (
-        "InvalidEndpointOrModel.NotFound",
+        "OperationDenied.ServiceNotOpen",
         grpc.StatusCode.FAILED_PRECONDITION,
         "PROVIDER_MISCONFIGURED",
+    ),
+    ("ModelNotOpen", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_ENABLED"),
+    ("InvalidEndpointOrModel.NotFound", grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_ENABLED"),
+    (
+        "InvalidEndpointOrModel.ModelIDAccessDisabled",
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_NOT_ENABLED",
     ),
     ("QuotaExceeded", grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_QUOTA_EXCEEDED"),
     ("SetLimitExceeded", grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_QUOTA_EXCEEDED"),
@@ -224,8 +230,11 @@ async def test_error_mapping(
     assert info.metadata["upstream_request_id"] == fake.requests[-1].request_id
     assert fake.requests[-1].status == ERROR_STATUS[code]
     details = err.details() or ""
-    if status == grpc.StatusCode.FAILED_PRECONDITION:
+    if reason == "PROVIDER_MISCONFIGURED":
         assert "server is misconfigured" in details and "not a problem with your request" in details
+    if reason == "MODEL_NOT_ENABLED":
+        assert info.metadata["model"] == "doubao-seedream-4-0-250828"
+        assert "doubao-seedream-4-0-250828" in details
     if status == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "UPSTREAM_RATE_LIMITED":
         trailer = rpc_status.from_call(err)  # type: ignore[arg-type]
         assert trailer is not None
@@ -253,6 +262,36 @@ async def test_misconfigured_turns_health_off_until_success(
                 assert ready.status == 200
         check = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert check.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("code", ["ModelNotOpen", "InvalidEndpointOrModel.NotFound"])
+async def test_a_model_the_account_lacks_fails_that_call_only(
+    ark_app: App, stub: Stub, fake: FakeArk, code: str
+) -> None:
+    """Ark's 404 for a model the account has not enabled: that call fails FAILED_PRECONDITION
+    naming the model; /ready stays 200 and gRPC health SERVING (any client could otherwise
+    take every replica out in turn), and the next call is served."""
+    model = "doubao-seedream-4-5-251128"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GenerateImage(
+            pb.GenerateImageRequest(prompt=f"x [error:{code}]", model=model, size="2048x2048"),
+            timeout=10,
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert model in (caught.value.details() or "")
+    info = error_info(caught.value)
+    assert (info.reason, info.metadata["model"]) == ("MODEL_NOT_ENABLED", model)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ark_app.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = await health.Check(health_pb2.HealthCheckRequest(service="image.v1.ImageService"))
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{ark_app.http_port}/ready") as ready,
+    ):
+        assert ready.status == 200
+    assert ark_app.readiness.problems == {}
+    await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=10)
 
 
 async def test_misconfigured_instance_serves_again_to_recheck(

@@ -8,8 +8,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+from structlog.testing import capture_logs
 
-from sia.errors import UpstreamUnavailable
+from sia.domain import GenerationRequest
+from sia.errors import UpstreamUnavailable, retryable
+from sia.providers.ark import ArkProvider
 from sia.providers.client import Upstream
 from tests.waiting import until
 
@@ -208,3 +211,55 @@ def test_repr_hides_the_credentials() -> None:
     client = upstream("http://127.0.0.1:9")
     assert "sk-secret" not in repr(client)
     assert repr(client) == "Upstream(provider='test', base_url='http://127.0.0.1:9')"
+
+
+#: A 200 whose JSON body is cut off: the upstream accepted (and billed) the generation.
+CUT_OFF = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{",
+    True,
+)
+
+
+async def test_an_answer_lost_after_its_headers_is_final_and_logged() -> None:
+    """A body cut off after a 2xx status is UpstreamUnavailable that no retry may repeat."""
+    async with scripted(lambda _: CUT_OFF) as (url, _, _):
+        client = upstream(url)
+        try:
+            with capture_logs() as logs, pytest.raises(UpstreamUnavailable) as lost:
+                await client.fetch("/gen", b"{}", {})
+        finally:
+            await client.aclose()
+    assert not retryable(lost.value)
+    assert lost.value.metadata["answer_lost"] == "true"
+    assert "lost in transit" in lost.value.message
+    assert [e["log_level"] for e in logs if e["event"] == "upstream_answer_lost"] == ["error"]
+
+
+async def test_a_5xx_cut_off_stays_retryable() -> None:
+    """A body cut off after an error status was not a generation: it may be retried."""
+    cut = (b"HTTP/1.1 503 Busy\r\nContent-Length: 50\r\n\r\n{", True)
+    async with scripted(lambda _: cut) as (url, _, _):
+        client = upstream(url)
+        try:
+            with pytest.raises(UpstreamUnavailable) as failed:
+                await client.fetch("/gen", b"{}", {})
+        finally:
+            await client.aclose()
+    assert retryable(failed.value)
+
+
+async def test_a_provider_makes_one_request_when_the_answer_is_lost() -> None:
+    """Through a real provider with retries on: exactly one upstream request."""
+    async with scripted(*[lambda _: CUT_OFF] * 4) as (url, received, _):
+        provider = ArkProvider(url, "sk-secret", max_retries=3, client=upstream(url))
+        try:
+            with pytest.raises(UpstreamUnavailable, match="lost in transit"):
+                await provider.generate(
+                    GenerationRequest(
+                        prompt="a cat", model="doubao-seedream-4-0-250828", size="2K"
+                    ),
+                    timeout=30,
+                )
+        finally:
+            await provider.aclose()
+    assert len(received) == 1

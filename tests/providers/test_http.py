@@ -17,6 +17,7 @@ import structlog
 
 from sia.domain import GenerationRequest
 from sia.errors import (
+    ModelUnavailable,
     ProviderMisconfigured,
     SiaError,
     UpstreamQuotaExceeded,
@@ -74,6 +75,23 @@ ARK_CASES = [
         1,
     ),
     ("unknown 404 code", ark_error("SomethingNew", 404), ProviderMisconfigured, PRECONDITION, 1),
+    ("403 account", ark_error("AccessDenied", 403), ProviderMisconfigured, PRECONDITION, 1),
+    # A model the account lacks fails that call only: the key is fine, readiness stays.
+    ("model not open", ark_error("ModelNotOpen", 404), ModelUnavailable, PRECONDITION, 1),
+    (
+        "model not found",
+        ark_error("InvalidEndpointOrModel.NotFound", 404),
+        ModelUnavailable,
+        PRECONDITION,
+        1,
+    ),
+    (
+        "model disabled",
+        ark_error("InvalidEndpointOrModel.ModelIDAccessDisabled", 404),
+        ModelUnavailable,
+        PRECONDITION,
+        1,
+    ),
     ("200 not JSON", text_reply(200, "<html>ok</html>"), UpstreamUnavailable, UNAVAILABLE, 3),
     ("200 JSON list", json_reply([1, 2]), UpstreamUnavailable, UNAVAILABLE, 3),
     (
@@ -93,6 +111,7 @@ OPENAI_CASES = [
     ("plain-text 429", text_reply(429, "slow down"), UpstreamRateLimited, EXHAUSTED, 3),
     ("quota", openai_error("insufficient_quota", 429), UpstreamQuotaExceeded, EXHAUSTED, 1),
     ("plain-text 401", text_reply(401, "no"), ProviderMisconfigured, PRECONDITION, 1),
+    ("model not found", openai_error("model_not_found", 404), ModelUnavailable, PRECONDITION, 1),
     # The images of a 200 may be billed already: an unreadable one is not asked for again.
     ("200 not JSON", text_reply(200, "<html>ok</html>"), UpstreamUnavailable, UNAVAILABLE, 1),
     ("200 without data", json_reply({"created": 1}), UpstreamUnavailable, UNAVAILABLE, 1),
@@ -138,6 +157,26 @@ async def test_error_answer_class_status_and_upstream_calls(
     assert bool(health) == (error is ProviderMisconfigured)
 
 
+@pytest.mark.parametrize(
+    ("provider", "reply"),
+    [
+        (ArkProvider, ark_error("ModelNotOpen", 404)),
+        (OpenAIProvider, openai_error("model_not_found", 404)),
+    ],
+)
+async def test_a_model_the_account_lacks_names_the_model(
+    provider: type[HttpProvider], reply: Reply
+) -> None:
+    """ModelUnavailable says which model, in its message and its metadata (ErrorInfo)."""
+    request = _request(provider)
+    subject = provider("http://up.invalid", "k", client=ScriptedClient(reply))
+    with pytest.raises(ModelUnavailable) as caught:
+        await subject.generate(request, timeout=30)
+    assert caught.value.metadata["model"] == request.model
+    assert request.model in caught.value.message
+    assert caught.value.reason == "MODEL_NOT_ENABLED"
+
+
 async def test_text_error_body_reaches_the_message() -> None:
     """A body that is not the API's error JSON is quoted (its start) in the error."""
     client = ScriptedClient(text_reply(400, "size must be 1K, 2K or 4K"))
@@ -154,9 +193,9 @@ def test_retry_after_is_kept_for_retried_errors_only() -> None:
     limited = with_retry_after(UpstreamRateLimited("x"), headers)
     assert isinstance(limited, UpstreamRateLimited)
     assert (limited.upstream_retry_after, limited.retry_after) == (3.0, 3.0)
-    failed = with_retry_after(UpstreamUnavailable("x"), headers)
+    failed = with_retry_after(UpstreamUnavailable("x"), {"Retry-After": "1.5"})
     assert isinstance(failed, UpstreamUnavailable)
-    assert failed.upstream_retry_after == 3.0
+    assert (failed.upstream_retry_after, failed.retry_after) == (1.5, 1.5)  # RetryInfo, exactly
     quota = with_retry_after(UpstreamQuotaExceeded("x"), headers)
     assert isinstance(quota, UpstreamQuotaExceeded)
     assert quota.retry_after is None

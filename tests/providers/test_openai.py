@@ -18,6 +18,7 @@ from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
 from sia.domain import GenerationRequest, ResponseFormat
 from sia.errors import (
+    ModelUnavailable,
     ProviderMisconfigured,
     SiaError,
     UpstreamQuotaExceeded,
@@ -232,29 +233,28 @@ async def test_wrong_key_is_misconfigured_until_a_success(
         await provider.aclose()
 
 
-@pytest.mark.parametrize(
-    ("fields", "code"),
-    [
-        (
-            {"prompt": TRIGGER_ERROR.format("unsupported_country_region_territory")},
-            "unsupported_country_region_territory",
-        ),
-        ({"model": "gpt-image-9"}, "model_not_found"),
-    ],
-)
-async def test_403_and_404_are_misconfigured(
-    provider: OpenAIProvider,
-    fake: FakeOpenAI,
-    health: list[str | None],
-    fields: dict[str, str],
-    code: str,
+async def test_403_account_refusal_is_misconfigured(
+    provider: OpenAIProvider, fake: FakeOpenAI, health: list[str | None]
 ) -> None:
-    """A 403 account refusal or a 404 model is ProviderMisconfigured and reported to health."""
-    exc = await failure(provider, **{"prompt": "a cat", **fields})
+    """A 403 account refusal is ProviderMisconfigured and reported to health."""
+    code = "unsupported_country_region_territory"
+    exc = await failure(provider, TRIGGER_ERROR.format(code))
     assert isinstance(exc, ProviderMisconfigured)
     assert exc.metadata["upstream_code"] == code
     assert health
     assert health[-1]
+    assert len(fake.requests) == 1
+
+
+async def test_404_model_fails_that_call_only(
+    provider: OpenAIProvider, fake: FakeOpenAI, health: list[str | None]
+) -> None:
+    """A model the account lacks is ModelUnavailable naming it; health hears nothing."""
+    exc = await failure(provider, "a cat", model="gpt-image-9")
+    assert isinstance(exc, ModelUnavailable)
+    assert exc.metadata["upstream_code"] == "model_not_found"
+    assert exc.metadata["model"] == "gpt-image-9"
+    assert not any(health)
     assert len(fake.requests) == 1
 
 

@@ -354,3 +354,50 @@ async def test_image_timeout_is_deadline_exceeded(make_settings: MakeSettings) -
             await stub.GenerateImage(pb.GenerateImageRequest(prompt="x"), timeout=10)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "did not finish within 0.3 s" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("rpc", ["GetImageTask", "CancelImageTask"])
+@pytest.mark.parametrize(("length", "code"), [(64, "NOT_FOUND"), (65, "INVALID_ARGUMENT")])
+async def test_task_id_length_limit(stub: Stub, rpc: str, length: int, code: str) -> None:
+    """A task id up to 64 characters is looked up; a longer one is INVALID_ARGUMENT."""
+    request_type = pb.GetImageTaskRequest if rpc == "GetImageTask" else pb.CancelImageTaskRequest
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await getattr(stub, rpc)(request_type(task_id="t" * length), timeout=10)
+    assert info.value.code() == getattr(grpc.StatusCode, code)
+    if code == "INVALID_ARGUMENT":
+        bad_request = details_of(info.value)["BadRequest"]
+        assert [v.field for v in bad_request.field_violations] == ["task_id"]  # type: ignore[attr-defined]
+
+
+SURPRISING = [
+    *(("size", pb.GenerateImageRequest(prompt="x", size=s)) for s in ("²x²", "1024x1024²")),
+    # Full-width digits: 1024x1024.
+    (
+        "size",
+        pb.GenerateImageRequest(
+            prompt="x", size="\uff11\uff10\uff12\uff14x\uff11\uff10\uff12\uff14"
+        ),
+    ),
+    *(
+        ("images[0]", pb.GenerateImageRequest(prompt="x", images=[u]))
+        for u in ("http://[", "http://[::1", "http://℀/")
+    ),
+]
+
+
+@pytest.mark.parametrize("rpc", ["GenerateImage", "GenerateImageAsync", "GenerateSequentialImages"])
+@pytest.mark.parametrize(("field", "generate"), SURPRISING)
+async def test_surprising_input_is_invalid_argument(
+    stub: Stub, rpc: str, field: str, generate: pb.GenerateImageRequest
+) -> None:
+    """Inputs that once escaped validation as INTERNAL answer INVALID_ARGUMENT naming the field."""
+    request: object = generate
+    if rpc == "GenerateSequentialImages":
+        request = pb.GenerateSequentialImagesRequest(
+            prompt=generate.prompt, size=generate.size, images=generate.images
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await getattr(stub, rpc)(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    bad_request = details_of(info.value)["BadRequest"]
+    assert [v.field for v in bad_request.field_violations] == [field]  # type: ignore[attr-defined]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import shutil
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, Task, TaskStatus, Usage
 from sia.tasks.base import Runner, TaskBackend
@@ -111,3 +117,66 @@ async def delete_queue_keys(queue: str) -> None:
                 await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+class OwnRedis:
+    """A `redis-server` of one test's own, on a free port in `directory`, that it may kill."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = True, save: str = "") -> None:
+        self.directory = directory
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._args = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(directory), "--appendonly", "yes" if appendonly else "no",
+            "--save", save,
+        ]  # fmt: skip
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start the server (again, on the same port and files) and wait until it answers."""
+        self.proc = await asyncio.create_subprocess_exec(
+            *self._args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        client = aioredis.from_url(self.url)
+
+        async def answers() -> None:
+            while True:
+                try:
+                    await client.ping()  # type: ignore[misc]
+                    return
+                except (RedisError, OSError):
+                    await asyncio.sleep(0.05)
+
+        try:
+            await within(answers(), f"redis-server on port {self.port} did not start")
+        finally:
+            await client.aclose()
+
+    async def kill(self) -> None:
+        """SIGKILL the server, as a crash would."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def own_redis(directory: Path, **options: Any) -> AsyncIterator[OwnRedis]:
+    """A started `OwnRedis`, killed afterwards; skips (fails under CI) without redis-server."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed; CI requires it")
+        pytest.skip("redis-server is not installed")
+    os.makedirs(directory, exist_ok=True)
+    server = OwnRedis(directory, **options)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()

@@ -27,7 +27,15 @@ from sia.domain import (
     TaskStatus,
     Usage,
 )
-from sia.errors import QueueFull, ShuttingDown, TaskNotCancellable, TaskNotFound, Unavailable
+from sia.errors import (
+    QueueFull,
+    ShuttingDown,
+    TaskNotCancellable,
+    TaskNotFound,
+    Unavailable,
+    UpstreamUnavailable,
+)
+from sia.providers.retry import RetryPolicy, call_with_retries
 from sia.tasks.base import TaskBackend
 from sia.tasks.redis import RedisTaskBackend
 from sia.tasks.sqlite import SqliteTaskBackend
@@ -350,3 +358,76 @@ async def test_ready_follows_the_database(backends: Make) -> None:
     await backend.aclose()
     await backend.aclose()
     assert not await backend.ready()
+
+
+async def test_a_task_interrupted_max_attempts_times_fails_abandoned(backends: Make) -> None:
+    """Interrupted (drained mid-run) TASK_MAX_ATTEMPTS times, a task fails ABANDONED, unrun."""
+    runner = GatedRunner()
+    first = await started(backends, runner, workers=1, max_attempts=2)
+    task = await first.submit(make_request())
+    await runner.wait_started()
+    await first.aclose()
+    runner.started.clear()
+    second = await started(backends, runner, workers=1, max_attempts=2)
+    await runner.wait_started()
+    await second.aclose()
+    assert runner.calls == [task.id, task.id]
+
+    ran: list[str] = []
+
+    async def runner_after(task: Task) -> GenerationResult:
+        ran.append(task.id)
+        return make_result(task)
+
+    third = await started(backends, runner_after, workers=1, max_attempts=2)
+    failed = await wait_status(third, task.id, TaskStatus.FAILED)
+    assert failed.error is not None
+    assert failed.error.code == "ABANDONED"
+    assert "interrupted 2 times" in failed.error.message
+    assert ran == []
+
+
+async def test_billed_calls_per_task_have_one_cap(backends: Make) -> None:
+    """After an interruption the rerun gets one upstream call, and a failure is not rerun."""
+    policy = RetryPolicy(max_retries=3, base_delay=0, max_delay=0)
+    calls: list[int] = []
+    gate = GatedRunner()
+
+    async def failing_call() -> GenerationResult:
+        calls.append(1)
+        raise UpstreamUnavailable("down", metadata={})
+
+    async def runner(task: Task) -> GenerationResult:
+        if task.attempts == 1:
+            return await gate(task)  # interrupted by the drain below
+        return await call_with_retries(failing_call, policy=policy, deadline=10**9)
+
+    first = await started(backends, runner, workers=1)
+    task = await first.submit(make_request())
+    await gate.wait_started()
+    await first.aclose()
+    second = await started(backends, runner, workers=1)
+    failed = await wait_status(second, task.id, TaskStatus.FAILED)
+    assert failed.error is not None
+    assert failed.error.code == "UPSTREAM_UNAVAILABLE"
+    assert failed.attempts == 2
+    assert len(calls) == 1  # not 4 (the policy's), nor 4 per remaining task attempt
+
+
+async def test_a_first_attempt_keeps_the_providers_retries(backends: Make) -> None:
+    """A first attempt makes the policy's calls, then fails for good: no task-level rerun."""
+    policy = RetryPolicy(max_retries=2, base_delay=0, max_delay=0)
+    calls: list[int] = []
+
+    async def failing_call() -> GenerationResult:
+        calls.append(1)
+        raise UpstreamUnavailable("down", metadata={})
+
+    async def runner(task: Task) -> GenerationResult:
+        return await call_with_retries(failing_call, policy=policy, deadline=10**9)
+
+    backend = await started(backends, runner, workers=1)
+    task = await backend.submit(make_request())
+    failed = await wait_status(backend, task.id, TaskStatus.FAILED)
+    assert failed.attempts == 1
+    assert len(calls) == 3

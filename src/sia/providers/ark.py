@@ -12,8 +12,9 @@ It follows the "Ark wire notes" of docs/providers.md field by field:
   moderated image does not cost the others (the official SDK stops there);
 - every documented error code maps to one class of the error tree; rate
   limits and server errors are retried (never once a streamed image has
-  arrived), and credential errors mark the provider unfit for readiness until
-  a later call succeeds.
+  arrived), and credential or account errors mark the provider unfit for
+  readiness until a later call succeeds; a model the account has not enabled
+  fails that call only (any client may ask for any catalogue model).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import orjson
 
 from sia.domain import GeneratedImage, GenerationResult, ImageError, Usage
 from sia.errors import (
+    ModelUnavailable,
     ProviderMisconfigured,
     SiaError,
     UpstreamQuotaExceeded,
@@ -63,16 +65,16 @@ RATE_CODES = frozenset({"RequestBurstTooFast", "ServerOverloaded"})
 CONTENT_CODES = ("SensitiveContentDetected", "RiskDetection")
 #: Code prefixes of the 400s that reject a parameter.
 PARAMETER_CODES = ("MissingParameter", "InvalidParameter")
-#: HTTP statuses and codes that mean this server's own key, account or model was refused.
+#: Code prefixes that mean the model (or endpoint) asked for is not open to this account:
+#: that call fails, the instance stays ready.
+MODEL_CODES = ("InvalidEndpointOrModel", "ModelNotOpen", "InvalidEndpoint.ClosedEndpoint")
+#: HTTP statuses and codes that mean this server's own key or account was refused.
 MISCONFIGURED_STATUSES = frozenset({401, 403, 404})
 MISCONFIGURED_CODES = (
     "AuthenticationError",
     "AccountOverdueError",
     "AccessDenied",
     "OperationDenied",
-    "InvalidEndpointOrModel",
-    "ModelNotOpen",
-    "InvalidEndpoint.ClosedEndpoint",
 )
 #: Ark's parameter names, as the fields of our API that carry them.
 PARAM_FIELDS = {"image": "images", "sequential_image_generation_options": "max_images"}
@@ -101,7 +103,8 @@ class ArkProvider(HttpProvider):
         # a single image may too (tolerated), so the body is read as the answer says.
         async with self._client.stream(PATH, body, headers) as answer:
             if answer.status >= 400:
-                raise upstream_error(answer.status, await answer.read(), answer.headers)
+                raw = await answer.read()
+                raise upstream_error(answer.status, raw, answer.headers, model=request.model)
             if answer.content_type == "text/event-stream":
                 return await _read_stream(answer.chunks(), answer.headers, request)
             payload = json_object(await answer.read(), answer.status, PROVIDER, final=False)
@@ -137,7 +140,7 @@ def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> Gene
     """The result of a non-streamed answer; a top-level error without images raises."""
     items = payload.get("data") or []
     if not items and isinstance(payload.get("error"), dict):
-        raise _from_error_body(200, payload["error"], "")
+        raise _from_error_body(200, payload["error"], "", request.model)
     images = tuple([_image(index, item) for index, item in enumerate(items)])
     return GenerationResult(
         model=str(payload.get("model") or request.model),
@@ -170,7 +173,8 @@ async def _read_stream(
             usage = event.get("usage") or {}
         elif isinstance(event.get("error"), dict):
             if not images:
-                raise _from_error_body(500, event["error"], headers.get("X-Request-Id", ""))
+                request_id = headers.get("X-Request-Id", "")
+                raise _from_error_body(500, event["error"], request_id, request.model)
             log.warning("ark_stream_error", images_received=len(images), error=event["error"])
             return True  # keep the images already paid for; never retry a started group
         return False
@@ -240,14 +244,19 @@ def _usage(raw: Any, images: tuple[GeneratedImage, ...]) -> Usage:
     return Usage(len(ok), pixels // 256)
 
 
-def upstream_error(status: int, raw: bytes, headers: Mapping[str, str]) -> SiaError:
-    """The error-tree exception for an Ark error answer (docs/providers.md, "Ark wire notes")."""
+def upstream_error(
+    status: int, raw: bytes, headers: Mapping[str, str], *, model: str = ""
+) -> SiaError:
+    """The error-tree exception for an Ark error answer to a request for `model`
+    (docs/providers.md, "Ark wire notes")."""
     error = error_object(raw, code=f"HTTP{status}")
-    exc = _from_error_body(status, error, headers.get("X-Request-Id", ""))
+    exc = _from_error_body(status, error, headers.get("X-Request-Id", ""), model)
     return with_retry_after(exc, headers)
 
 
-def _from_error_body(status: int, error: Mapping[str, Any], request_id: str) -> SiaError:
+def _from_error_body(
+    status: int, error: Mapping[str, Any], request_id: str, model: str = ""
+) -> SiaError:
     """Classify by the error code first (the status is a fallback), as the spec's table does."""
     code = str(error.get("code") or f"HTTP{status}")
     message = str(error.get("message") or "").strip()
@@ -264,10 +273,16 @@ def _from_error_body(status: int, error: Mapping[str, Any], request_id: str) -> 
             f"the ark provider is rate limiting this service ({code}); retry later",
             metadata=meta,
         )
+    if code.startswith(MODEL_CODES):
+        return ModelUnavailable(
+            f"the model {model!r} is not available to this server's ark account ({code}); "
+            "ask for another model, or the operator to enable this one",
+            metadata={**meta, "model": model},
+        )
     if status in MISCONFIGURED_STATUSES or code.startswith(MISCONFIGURED_CODES):
         return ProviderMisconfigured(
-            f"the server is misconfigured: the ark provider refused its credentials, account "
-            f"or model access ({code}); this is not a problem with your request",
+            f"the server is misconfigured: the ark provider refused its credentials or "
+            f"account ({code}); this is not a problem with your request",
             metadata=meta,
         )
     if any(marker in code for marker in CONTENT_CODES):

@@ -7,7 +7,10 @@ concurrent generations. Tests hand a provider an in-process `HttpClient`
 instead, so a provider test needs no socket.
 
 aiohttp's exceptions never leave this module: a connection that cannot be
-made, or breaks mid-answer, becomes `UpstreamUnavailable`.
+made, or breaks mid-answer, becomes `UpstreamUnavailable`. One that breaks
+after a 2xx status arrived is final (never retried) and logged at error as
+`upstream_answer_lost`: the upstream accepted, and likely billed, that
+generation, so another attempt would pay for it twice.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import aiohttp
 import yarl
 
 from sia.errors import UpstreamUnavailable
+from sia.logs import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
     from contextlib import AbstractAsyncContextManager
+
+log = get_logger("sia.providers")
 
 #: Seconds to open a TCP connection before the attempt counts as failed.
 CONNECT_TIMEOUT = 10.0
@@ -219,7 +225,7 @@ class StreamedAnswer:
         try:
             return await self._response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise connection_failed(self._provider, exc) from exc
+            raise self._answer_broken(exc) from exc
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's chunks as they arrive."""
@@ -228,10 +234,24 @@ class StreamedAnswer:
             try:
                 chunk = await content.readany()
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise connection_failed(self._provider, exc) from exc
+                raise self._answer_broken(exc) from exc
             if not chunk:
                 return
             yield chunk
+
+    def _answer_broken(self, exc: BaseException) -> UpstreamUnavailable:
+        """The error for a body cut off; final after a 2xx, which the upstream likely billed."""
+        if not 200 <= self.status < 300:
+            return connection_failed(self._provider, exc)
+        kind = type(exc).__name__
+        log.error("upstream_answer_lost", provider=self._provider, status=self.status, error=kind)
+        error = UpstreamUnavailable(
+            f"the {self._provider} provider's answer was lost in transit ({kind}); "
+            "not retried, as the upstream may have generated and billed it",
+            metadata={"provider": self._provider, "upstream_code": kind, "answer_lost": "true"},
+        )
+        error.final = True
+        return error
 
 
 def media_type(headers: Mapping[str, str]) -> str:

@@ -2,8 +2,8 @@
 
 `HttpProvider` sends each generation over an `HttpClient` (the pooled
 `Upstream` unless the caller hands it another, as tests do) as attempts under
-`call_with_retries`, and reports a misconfigured provider (refused key,
-missing model) to readiness until a later call succeeds. A subclass says how
+`call_with_retries`, and reports a misconfigured provider (refused key or
+account) to readiness until a later call succeeds. A subclass says how
 to build its request body and how to read one attempt's answer.
 
 The helpers read what both APIs answer alike: a JSON object body, an error
@@ -102,7 +102,7 @@ class HttpProvider(abc.ABC):
                 deadline=time.monotonic() + timeout,
             )
         except ProviderMisconfigured as exc:
-            log.warning(
+            log.error(
                 "provider_misconfigured",
                 provider=self.provider,
                 upstream_code=exc.metadata.get("upstream_code", ""),
@@ -188,14 +188,13 @@ def error_object(raw: bytes, **fallback: str) -> Mapping[str, Any]:
 def with_retry_after(exc: SiaError, headers: Mapping[str, str]) -> SiaError:
     """`exc` with the answer's Retry-After, for the errors that are retried.
 
-    The retry loop waits `upstream_retry_after`; a rate limit also passes it
-    on to the caller as `retry_after` (gRPC RetryInfo) once retries give up.
+    The retry loop waits `upstream_retry_after`, and the caller gets it, exactly,
+    as `retry_after` (gRPC RetryInfo) once retries give up.
     """
     if not isinstance(exc, UpstreamRateLimited | UpstreamUnavailable):
         return exc
     retry_after = parse_retry_after(headers.get("Retry-After"))
     if retry_after is not None:
         exc.upstream_retry_after = retry_after
-        if isinstance(exc, UpstreamRateLimited):
-            exc.retry_after = max(retry_after, 0.001)
+        exc.retry_after = max(retry_after, 0.001)
     return exc

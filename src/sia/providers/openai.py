@@ -8,9 +8,10 @@ It follows the "OpenAI wire notes" of docs/providers.md:
 - gpt-image models always answer in base64 and reject `response_format`, so it
   is sent to DALL-E models only; `seed`, `guidance_scale` and `watermark` are
   not OpenAI parameters and are never sent;
-- moderation and parameter errors are the caller's, credential, account and
-  model-access errors are this server's (readiness hears of them), quota
-  errors are final, and rate limits and server errors are retried.
+- moderation and parameter errors are the caller's, credential and account
+  errors are this server's (readiness hears of them), a model the account
+  lacks (`model_not_found`) fails that call only, quota errors are final, and
+  rate limits and server errors are retried.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sia.domain import GeneratedImage, GenerationResult, ImageError, Usage
 from sia.errors import (
+    ModelUnavailable,
     ProviderMisconfigured,
     SiaError,
     UpstreamQuotaExceeded,
@@ -53,6 +55,8 @@ OUTPUT_FORMAT = "png"
 
 #: Error codes (or types) that mean the account's quota or billing limit is used up.
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
+#: Codes that mean the model asked for is not open to this account: that call fails only.
+MODEL_CODES = frozenset({"model_not_found"})
 #: 400 codes that reject the prompt's content rather than a parameter.
 CONTENT_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
 #: OpenAI's parameter names, as the fields of our API that carry them.
@@ -106,7 +110,13 @@ class OpenAIProvider(HttpProvider):
     ) -> GenerationResult:
         answer = await self._client.fetch(PATH, body, headers)
         if answer.status >= 400:
-            raise upstream_error(answer.status, answer.body, answer.headers, secret=self._secret)
+            raise upstream_error(
+                answer.status,
+                answer.body,
+                answer.headers,
+                secret=self._secret,
+                model=request.model,
+            )
         # The images of an unreadable answer may already be billed: do not pay for them twice.
         payload = json_object(answer.body, answer.status, PROVIDER, final=True)
         return parse_result(payload, request)
@@ -189,9 +199,10 @@ def image_size(data: bytes) -> str:
 
 
 def upstream_error(
-    status: int, raw: bytes, headers: Mapping[str, str], *, secret: str = ""
+    status: int, raw: bytes, headers: Mapping[str, str], *, secret: str = "", model: str = ""
 ) -> SiaError:
-    """The error-tree exception for an OpenAI error answer; `secret` is masked in messages."""
+    """The error-tree exception for an OpenAI error answer to a request for `model`;
+    `secret` is masked in messages."""
     error = error_object(raw)
     code = str(error.get("code") or "")
     kind = str(error.get("type") or "")
@@ -208,8 +219,14 @@ def upstream_error(
             f"the openai account's quota or billing limit is used up ({code or kind}): {message}",
             metadata=meta,
         )
-    if status in (401, 403, 404):
-        what = "model access" if status == 404 else "credentials or account"
+    if code in MODEL_CODES:
+        return ModelUnavailable(
+            f"the model {model!r} is not available to this server's openai account ({code}); "
+            "ask for another model, or the operator to enable this one",
+            metadata={**meta, "model": model},
+        )
+    if status in (401, 403, 404):  # a 404 without a model code: a wrong IMAGE_BASE_URL
+        what = "IMAGE_BASE_URL" if status == 404 else "credentials or account"
         return ProviderMisconfigured(
             f"the openai provider refused this server's {what}: {message} "
             "(the server is misconfigured; not your request)",

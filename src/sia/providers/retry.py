@@ -6,26 +6,47 @@ caller caused), waits what the provider's `Retry-After` asks or else an
 exponential backoff with full jitter, and gives up rather than wait past the
 deadline. A library (tenacity, stamina) would spread these three rules over
 its stop, wait and retry predicates; the loop states them in one place.
+
+A task runs its generation once per task attempt, so a task backend that
+re-runs an interrupted task lowers the calls that attempt may make through
+`upstream_call_limit`: the calls billed for one task then stay under one cap
+(`IMAGE_MAX_RETRIES + 1` for its first attempt, one for each later one),
+whichever backend runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import random
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sia.errors import SiaError, retryable
+from sia.errors import ResourceExhausted, SiaError, retryable
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 log = get_logger("sia.providers")
 
 T = TypeVar("T")
+
+#: The most upstream calls the current task attempt may make; None: the policy's own.
+_CALL_LIMIT: ContextVar[int | None] = ContextVar("sia_upstream_call_limit", default=None)
+
+
+@contextlib.contextmanager
+def upstream_call_limit(calls: int | None) -> Iterator[None]:
+    """Within the block (and tasks it creates), make at most `calls` calls per generation."""
+    token = _CALL_LIMIT.set(None if calls is None else max(1, calls))
+    try:
+        yield
+    finally:
+        _CALL_LIMIT.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +69,27 @@ async def call_with_retries(
 ) -> T:
     """Run `attempt(*args)` until it succeeds, fails for good, or the next wait passes `deadline`.
 
-    `deadline` is on the `time.monotonic()` clock.
+    `deadline` is on the `time.monotonic()` clock; `upstream_call_limit` may
+    allow fewer attempts than the policy.
     """
-    for number in range(policy.max_retries + 1):
+    last = policy.max_retries
+    if (limit := _CALL_LIMIT.get()) is not None:
+        last = min(last, limit - 1)
+    for number in range(last + 1):
         try:
             return await attempt(*args)
         except SiaError as exc:
-            if not retryable(exc) or number == policy.max_retries:
+            if not retryable(exc):
                 raise
             delay = policy.delay(number, getattr(exc, "upstream_retry_after", None))
-            if time.monotonic() + delay >= deadline:
+            if number == last or time.monotonic() + delay >= deadline:
+                (log.warning if isinstance(exc, ResourceExhausted) else log.error)(
+                    "upstream_retries_exhausted",
+                    attempts=number + 1,
+                    reason=exc.reason,
+                    upstream_code=exc.metadata.get("upstream_code", ""),
+                    upstream_request_id=exc.metadata.get("upstream_request_id", ""),
+                )
                 raise
             log.info(
                 "upstream_retry",

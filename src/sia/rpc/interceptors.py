@@ -5,6 +5,13 @@ id (the client's `x-request-id` metadata, or a new one) into the log context,
 refuses work while the server drains, turns `SiaError` into a rich status and
 any other exception into INTERNAL (logged with its trace, never sent), then
 writes one access line and records the per-method metrics.
+
+The access line's level follows the status, so `"level":"error"` finds the
+calls that failed on the server's side (INTERNAL, UNAVAILABLE, a generation
+past IMAGE_TIMEOUT, a refused provider key) and not the client's mistakes.
+Request bytes that do not parse as the method's message are answered
+INVALID_ARGUMENT here, logged and counted like any call, rather than left to
+grpc.aio (which answers UNKNOWN before any interceptor code runs).
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from sia.domain import new_request_id
-from sia.errors import ShuttingDown, SiaError
+from sia.errors import InvalidArgument, ProviderMisconfigured, ShuttingDown, SiaError
 from sia.logs import REQUEST_ID, AccessLog, get_logger
 from sia.rpc.errors import make_status, to_status
 
@@ -33,6 +41,62 @@ access = AccessLog("sia.rpc")
 
 #: Services whose calls are refused once shutdown begins (health and reflection stay up).
 GUARDED_SERVICES = frozenset({"image.v1.ImageService"})
+
+#: The access line's level by status code; any code not listed is "info".
+ACCESS_LEVELS: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.INTERNAL: "error",
+    grpc.StatusCode.UNKNOWN: "error",
+    grpc.StatusCode.UNAVAILABLE: "error",
+    grpc.StatusCode.DATA_LOSS: "error",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "error",  # only the server's: see access_level
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "warning",
+}
+
+
+def access_level(exc: SiaError, code: grpc.StatusCode) -> str:
+    """The access line's level for a call that ended in `exc` (answered with `code`)."""
+    if isinstance(exc, ShuttingDown):
+        return "info"  # a planned drain, not an outage
+    if isinstance(exc, ProviderMisconfigured):
+        return "error"  # FAILED_PRECONDITION, yet every call fails until an operator acts
+    return ACCESS_LEVELS.get(code, "info")
+
+
+class UndecodableRequest(InvalidArgument):
+    """The request's bytes are not a valid message of the method's type (no field to name)."""
+
+    def __init__(self, message_type: str) -> None:
+        SiaError.__init__(self, f"the request is not a valid {message_type}")
+        self.violations = []
+
+
+class _Undecodable:
+    """What the tolerant deserializer hands the handler for bytes that did not parse."""
+
+    __slots__ = ()
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning _UNDECODABLE where it would raise DecodeError."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _UNDECODABLE
+
+    return deserialize
+
+
+def _message_type(deserializer: Callable[[bytes], Any] | None) -> str:
+    """The full protobuf name a generated `Message.FromString` parses, else "message"."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "message"))
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
@@ -59,8 +123,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),  # type: ignore[arg-type]  # aio handlers are async
-            request_deserializer=handler.request_deserializer,
+            self._wrap(
+                method,
+                handler.unary_unary,  # type: ignore[arg-type]  # aio handlers are async
+                _message_type(handler.request_deserializer),
+            ),
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         self._wrapped[method] = wrapped
@@ -70,6 +138,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         self,
         method: str,
         behaviour: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+        message_type: str,
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         service, _, name = method.lstrip("/").rpartition("/")
         guarded = service in GUARDED_SERVICES
@@ -77,6 +146,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         started = metrics.rpc_started.labels("unary", service, name)
         seconds = metrics.rpc_seconds.labels("unary", service, name)
         in_flight = metrics.rpc_in_flight.labels(service, name)
+        undecodable = metrics.undecodable_requests.labels(service, name)
         readiness = self.readiness
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -85,34 +155,47 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             started.inc()
             in_flight.inc()
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
+            code, level = grpc.StatusCode.OK, "info"
             try:
+                if request is _UNDECODABLE:
+                    undecodable.inc()
+                    raise UndecodableRequest(message_type)
                 if guarded and readiness.shutting_down:
                     raise ShuttingDown
                 return await behaviour(request, context)
             except SiaError as exc:
                 status = to_status(exc)
                 code = status.code
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                level = access_level(exc, code)
+                return _answer(context, status)
             except asyncio.CancelledError:
+                # The client's own deadline or cancel: its business, so the line stays info.
                 remaining = context.time_remaining()
                 deadline = remaining is not None and remaining <= 0
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
+                level = ACCESS_LEVELS.get(code, "info")
                 raise
             except Exception:
                 code = grpc.StatusCode.INTERNAL
+                level = "error"
                 log.exception("rpc_internal_error", method=method)
                 status = make_status(code, f"internal error (request id {request_id})")
-                await context.abort(status.code, status.details, status.trailing_metadata)
+                return _answer(context, status)
             finally:
                 elapsed = time.perf_counter() - start
                 in_flight.dec()
                 seconds.observe(elapsed)
                 metrics.rpc_handled.labels("unary", service, name, code.name).inc()
-                access("rpc", method=method, code=code.name, duration_ms=round(elapsed * 1000, 3))
+                access(
+                    "rpc",
+                    level,
+                    method=method,
+                    code=code.name,
+                    duration_ms=round(elapsed * 1000, 3),
+                )
                 REQUEST_ID.reset(bound)
 
         return handle
@@ -123,3 +206,12 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
             return value
     return new_request_id()
+
+
+def _answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+    """End the call with `status` by returning, not by `context.abort`: grpc.aio keeps the
+    AbortError on the call's state, a cycle through its traceback that holds the request
+    (and every frame's locals) until a full collection."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, cast
 
@@ -153,6 +154,7 @@ class GrpcServer:
         if self.port == 0:
             raise OSError(f"GRPC_PORT: cannot listen on {address} (in use, or not allowed)")
         self._stopped = False
+        self._health_lock = asyncio.Lock()  # changes are published in the order they happened
 
     async def start(self) -> None:
         """Start serving; health starts NOT_SERVING until readiness says otherwise."""
@@ -163,16 +165,18 @@ class GrpcServer:
         """Publish readiness on grpc.health.v1.
 
         `image.v1.ImageService` follows readiness (start-up, a refused provider
-        key, shutdown); `""` is liveness: SERVING from start until shutdown, so
-        a bad key takes the pod out of rotation instead of restarting it.
+        key, a task or blob store that fails its checks, shutdown); `""` is
+        liveness: SERVING from start until shutdown, so a bad key or a store
+        outage takes the pod out of rotation instead of restarting it.
         """
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self.health.set(SERVICE_NAME, status)
+        async with self._health_lock:
+            await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+            await self.health.set(SERVICE_NAME, status)
 
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING for good, refuse new calls, let in-flight calls finish."""

@@ -19,10 +19,20 @@ if TYPE_CHECKING:
     from sia.service import ImageService
 
 
+#: Longest task id looked up: ours are 29 characters (`domain.new_task_id`), and a
+#: bound keeps an unknown id short enough to echo in the NOT_FOUND answer.
+MAX_TASK_ID_CHARS = 64
+
+
 def _task_id(value: str) -> str:
-    if not value.strip():
+    value = value.strip()
+    if not value:
         raise InvalidArgument.field("task_id", "must not be empty")
-    return value.strip()
+    if len(value) > MAX_TASK_ID_CHARS:
+        raise InvalidArgument.field(
+            "task_id", f"is {len(value)} characters; at most {MAX_TASK_ID_CHARS}"
+        )
+    return value
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):

@@ -48,7 +48,11 @@ def content_type_of(key: str) -> str:
 
 
 class BlobStore(Protocol):
-    """Keeps image files by key and hands out URLs to them."""
+    """Keeps image files by key and hands out URLs to them.
+
+    A fault of the store itself (disk, bucket, network) is
+    `sia.errors.ImageStoreUnavailable`, never a foreign exception.
+    """
 
     @property
     def image_dir(self) -> Path | None:
@@ -73,6 +77,10 @@ class BlobStore(Protocol):
 
     async def sweep(self, older_than: datetime) -> int:
         """Remove every blob stored before `older_than`; return how many."""
+        ...
+
+    async def ready(self) -> bool:
+        """Whether the store can take images now (readiness asks every few seconds)."""
         ...
 
     async def aclose(self) -> None:

@@ -12,7 +12,7 @@ the endpoint rules on every call). With
 `public_base_url` (a CDN or a public bucket) `url` links there unsigned.
 
 botocore and aiohttp errors do not leave this module: a missing object is
-NotFound, anything else Unavailable, and no message carries a credential.
+NotFound, anything else ImageStoreUnavailable, and no message carries a credential.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sia.errors import NotFound, Unavailable
+from sia.errors import ImageStoreUnavailable, NotFound
 from sia.storage.base import check_key, is_key, new_key
 
 if TYPE_CHECKING:
@@ -58,14 +58,18 @@ def _code(exc: ClientError) -> str:
 
 @contextmanager
 def _translated() -> Iterator[None]:
-    """Turn foreign errors into Unavailable, naming the error code but never its text."""
+    """Turn foreign errors into ImageStoreUnavailable, naming the error code but never its text."""
     try:
         yield
     except ClientError as exc:
-        raise Unavailable(f"the blob store is unavailable ({_code(exc)}); retry later") from exc
+        raise ImageStoreUnavailable(
+            f"the image store is unavailable ({_code(exc)}); retry later"
+        ) from exc
     except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
         name = type(exc).__name__
-        raise Unavailable(f"the blob store is unavailable ({name}); retry later") from exc
+        raise ImageStoreUnavailable(
+            f"the image store is unavailable ({name}); retry later"
+        ) from exc
 
 
 class S3BlobStore:
@@ -215,7 +219,7 @@ class S3BlobStore:
         if self._signing is None:  # url() before open(): resolve the chain once, here
             self._signing = self._default_credentials()
             if self._signing is None:
-                raise Unavailable("the blob store has no credentials to sign URLs with")
+                raise ImageStoreUnavailable("the image store has no credentials to sign URLs with")
         request = AWSRequest(method="GET", url=self._object_base + path)
         # A refreshable (role) credential may refresh here, about once an hour.
         signer = S3SigV4QueryAuth(
@@ -239,7 +243,7 @@ class S3BlobStore:
             )
         if errors := response.get("Errors"):
             code = errors[0].get("Code", "unknown")
-            raise Unavailable(f"the blob store is unavailable ({code}); retry later")
+            raise ImageStoreUnavailable(f"the image store is unavailable ({code}); retry later")
 
     async def sweep(self, older_than: datetime) -> int:
         """Remove this store's objects last modified before `older_than`; return how many."""
@@ -268,7 +272,7 @@ class S3BlobStore:
             s3 = await self._s3()
             with _translated():
                 await s3.head_bucket(Bucket=self.bucket)
-        except Unavailable:
+        except ImageStoreUnavailable:
             return False
         return True
 

@@ -12,7 +12,15 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from sia.domain import ImageError
-from sia.errors import SiaError, Unavailable
+from sia.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ProviderMisconfigured,
+    ResourceExhausted,
+    SiaError,
+    Unavailable,
+)
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
@@ -22,6 +30,17 @@ log = get_logger("sia.tasks")
 
 #: What a task cancelled by its client stores.
 CANCELLED = ImageError("CANCELLED", "cancelled by the client")
+#: The code of a task that was interrupted (a crash, a drain) TASK_MAX_ATTEMPTS times.
+ABANDONED_CODE = "ABANDONED"
+
+
+def abandoned(attempts: int) -> ImageError:
+    """What a task interrupted `attempts` times stores instead of running again."""
+    return ImageError(
+        ABANDONED_CODE, f"the task was interrupted {attempts} times (TASK_MAX_ATTEMPTS)"
+    )
+
+
 #: What a task stores when its runner failed with a bug; the traceback goes to the log only.
 INTERNAL = ImageError("INTERNAL", "internal error")
 
@@ -43,7 +62,19 @@ def runner_failure(exc: BaseException, **context: object) -> ImageError:
     anything else is a bug, logged with its traceback and stored as INTERNAL.
     """
     if isinstance(exc, SiaError):
-        log.info("task_failed", code=exc.reason, message=exc.message, **context)
+        level = _failure_level(exc)
+        getattr(log, level)("task_failed", code=exc.reason, message=exc.message, **context)
         return ImageError(exc.reason, exc.message)
     log.error("task_failed", code=INTERNAL.code, exc_info=exc, **context)
     return INTERNAL
+
+
+def _failure_level(exc: SiaError) -> str:
+    """error for the service's or upstream's fault, warning for a limit, info for the client's."""
+    if isinstance(exc, ProviderMisconfigured):
+        return "error"  # a FailedPrecondition, but of the service's own key or account
+    if isinstance(exc, ResourceExhausted):
+        return "warning"
+    if isinstance(exc, InvalidArgument | NotFound | FailedPrecondition):
+        return "info"
+    return "error"  # Unavailable (the image store's too), DeadlineExceeded, a bare SiaError

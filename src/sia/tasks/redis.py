@@ -13,8 +13,13 @@ the stored result (image bytes live in the blob store, never in Redis).
   replica stopped touching it, up to `max_attempts` attempts in all, so a
   dead replica's task runs elsewhere within about 1.5 heartbeats. Delivery
   is therefore at least once: after a crash an upstream call may be repeated.
-- Retries: a provider failure that another attempt may fix (rate limit, 5xx)
-  is retried with exponential backoff; any other failure ends the task.
+- Attempts: a task interrupted `max_attempts` times (its replica died, or
+  drained) fails as ABANDONED. A runner failure ends the task: the provider
+  has already retried what another call may fix, and an attempt after the
+  first makes a single upstream call (`upstream_call_limit`), so billed calls
+  per task stay under one cap.
+- Outages: see `sia.tasks.redis_queue`; calls fail fast (`Unavailable`)
+  while Redis is down, and `start` checks that Redis persists its data.
 - Cancellation: saq's abort, plus a marker key so that a cancelled task stays
   cancelled even if its replica died while running it.
 - Retention: finished jobs expire after the retention period (saq's job TTL).
@@ -32,9 +37,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from redis import asyncio as aioredis
-from redis.exceptions import RedisError
-from saq import Job, Status, Worker
-from saq.queue.redis import RedisQueue
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from saq import Job, Status
 from structlog.contextvars import bound_contextvars
 
 from sia.domain import ImageError, Task, TaskStatus, new_task_id
@@ -45,12 +50,14 @@ from sia.errors import (
     TaskNotCancellable,
     TaskNotFound,
     Unavailable,
-    retryable,
 )
 from sia.logs import get_logger
+from sia.providers.retry import upstream_call_limit
 from sia.tasks.base import TaskStats
 from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
-from sia.tasks.errors import CANCELLED, INTERNAL, runner_failure, store_errors
+from sia.tasks.errors import CANCELLED, INTERNAL, abandoned, runner_failure, store_errors
+from sia.tasks.redis_queue import FAULTS as _FAULTS
+from sia.tasks.redis_queue import JobQueue, JobWorker, check_persistence, ping
 
 if TYPE_CHECKING:
     from sia.domain import GenerationRequest
@@ -60,9 +67,14 @@ if TYPE_CHECKING:
 log = get_logger("sia.tasks.redis")
 
 FUNCTION = "run_task"
-#: What redis-py raises when Redis cannot answer (its connection errors are also OSErrors).
-_FAULTS = (RedisError, OSError)
-ABANDONED = ImageError("ABANDONED", "the task's replicas stopped while running it too often")
+#: How long `ready()` waits for PING before it answers False.
+READY_TIMEOUT = 1.0
+#: A call fails within about a second when Redis is down (redis-py's default retries
+#: wait up to 7 s), so a submit answers UNAVAILABLE rather than hang.
+_CLIENT_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 1.0,
+    "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), retries=2),
+}
 
 _STATUSES = {
     Status.NEW: TaskStatus.QUEUED,
@@ -73,54 +85,6 @@ _STATUSES = {
     Status.FAILED: TaskStatus.FAILED,
     Status.COMPLETE: TaskStatus.SUCCEEDED,
 }
-
-
-class _Worker(Worker[Any]):
-    """saq's worker without its signal handlers: the app owns SIGTERM and SIGINT."""
-
-    SIGNALS = []  # noqa: RUF012 - overrides saq's class attribute
-
-
-class _Queue(RedisQueue):
-    """saq's Redis queue with a sweep that needs two sightings before it re-queues.
-
-    saq's sweep re-queues any job in the active list that is not ACTIVE, but a
-    worker that has just dequeued a job has not marked it ACTIVE yet: a sweep
-    landing in that moment would run the job twice. A job is swept only when
-    two consecutive rounds (one interval apart) both find it suspect; a live
-    worker has marked it ACTIVE and touches it long before then.
-    """
-
-    def __init__(self, redis: aioredis.Redis, name: str) -> None:
-        super().__init__(redis, name=name)
-        self._suspects: set[bytes] = set()
-
-    async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
-        redis = self.redis
-        if not await redis.set(self.namespace("sweep"), 1, nx=True, ex=lock):
-            return []
-        ids = await redis.lrange(self._active, 0, -1)  # type: ignore[misc]  # see _ping
-        jobs = await redis.mget(ids) if ids else []
-        suspects = set()
-        for job_id, raw in zip(ids, jobs, strict=True):
-            job = self.deserialize(raw) if raw else None
-            if job is None or job.status is not Status.ACTIVE or job.stuck:
-                suspects.add(job_id)
-        swept, self._suspects = suspects & self._suspects, suspects - self._suspects
-        for job_id in swept:
-            job = await self._get_job_by_id(job_id)
-            if job is None:
-                await redis.lrem(self._active, 0, job_id)  # type: ignore[misc]  # see _ping
-                continue
-            log.warning("task_swept", task_id=job.key, attempts=job.attempts)
-            await self.abort(job, error=self.swept_error_message)
-            with contextlib.suppress(TimeoutError):
-                await job.refresh(abort)
-            if job.retryable:
-                await self.retry(job, error=self.swept_error_message)
-            else:
-                await self.finish(job, Status.ABORTED, error=self.swept_error_message)
-        return [job_id.decode() for job_id in swept]
 
 
 class RedisTaskBackend:
@@ -137,9 +101,11 @@ class RedisTaskBackend:
         job_timeout: float = 330.0,
         heartbeat: float = 20.0,
         max_attempts: int = 3,
+        require_persistence: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         self._url = url
+        self._require_persistence = require_persistence
         self.queue_name = queue
         self.workers = workers
         self.queue_limit = queue_limit
@@ -149,8 +115,8 @@ class RedisTaskBackend:
         self._max_attempts = max_attempts
         self._metrics = metrics
         self._redis: aioredis.Redis | None = None
-        self._queue: _Queue | None = None
-        self._worker: _Worker | None = None
+        self._queue: JobQueue | None = None
+        self._worker: JobWorker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._runner: Runner | None = None
         self._draining = False
@@ -165,18 +131,21 @@ class RedisTaskBackend:
         return f"sia:{self.queue_name}:{kind}:{name}"
 
     async def start(self, runner: Runner) -> None:
-        """Connect, then start this replica's saq worker."""
+        """Connect, check persistence, then start this replica's saq worker."""
         self._runner = runner
-        self._redis = aioredis.from_url(self._url)
+        self._redis = aioredis.from_url(self._url, **_CLIENT_OPTIONS)
         try:
-            await _ping(self._redis)
-        except _FAULTS as exc:
+            await ping(self._redis)
+            await check_persistence(self._redis, required=self._require_persistence)
+        except (*_FAULTS, ConfigError) as exc:
             await self._redis.aclose()
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"REDIS_URL: cannot reach Redis ({type(exc).__name__})") from exc
-        self._queue = _Queue(self._redis, name=self.queue_name)
+        self._queue = JobQueue(self._redis, name=self.queue_name)
         await self._queue.connect()
         sweep = max(1, int(self._heartbeat / 2))
-        self._worker = _Worker(
+        self._worker = JobWorker(
             self._queue,
             functions=[(FUNCTION, self._run_job)],
             concurrency=self.workers,
@@ -264,7 +233,7 @@ class RedisTaskBackend:
         with store_errors(*_FAULTS):
             queued = await queue.count("queued")
             running = await queue.count("active")
-            oldest_id = await redis.lindex(queue.namespace("queued"), 0)  # type: ignore[misc]  # see _ping
+            oldest_id = await redis.lindex(queue.namespace("queued"), 0)  # type: ignore[misc]  # see redis_queue.ping
             oldest = queue.deserialize(await redis.get(oldest_id)) if oldest_id else None
         age = max(0.0, time.time() - oldest.queued / 1000) if oldest and oldest.queued else 0.0
         return TaskStats({TaskStatus.QUEUED: queued, TaskStatus.RUNNING: running}, age)
@@ -274,12 +243,13 @@ class RedisTaskBackend:
         return 0
 
     async def ready(self) -> bool:
-        """True while Redis answers."""
+        """True while Redis answers, within READY_TIMEOUT."""
         if self._redis is None:
             return False
         try:
-            return await _ping(self._redis)
-        except _FAULTS:
+            async with asyncio.timeout(READY_TIMEOUT):
+                return await ping(self._redis)
+        except (*_FAULTS, TimeoutError):
             return False
 
     async def drain(self, grace: float) -> None:
@@ -287,6 +257,8 @@ class RedisTaskBackend:
         if self._draining:
             return
         self._draining = True
+        if self._queue is not None:
+            self._queue.closing = True
         worker = self._worker
         if worker is None:
             return
@@ -318,19 +290,27 @@ class RedisTaskBackend:
         assert self._runner is not None
         if await redis.exists(self._key("cancel", job.key)):
             return ""  # cancelled while its previous replica ran it
+        if job.attempts > self._max_attempts:  # saq re-queues a drained job regardless
+            job.retries = job.attempts  # saq marks it failed
+            error = abandoned(job.attempts - 1)
+            log.error("task_abandoned", task_id=job.key, attempts=job.attempts - 1)
+            job.meta["error"] = {"code": error.code, "message": error.message}
+            self._count("task_outcomes", TaskStatus.FAILED.value)
+            raise _Abandoned(error.message)
+        if job.attempts > 1:
+            self._count("task_retries")
         task = self._task(job, cancelled=False)
         beat = asyncio.create_task(self._touch(job))
+        # A later attempt may follow a call that was billed: it gets one call, no retries.
+        calls = None if job.attempts <= 1 else 1
         try:
-            with bound_contextvars(task_id=job.key):
+            with bound_contextvars(task_id=job.key), upstream_call_limit(calls):
                 stored = result_to_json(await self._runner(task))
         except Exception as exc:
             error = runner_failure(exc, task_id=job.key, attempt=job.attempts)
             job.meta["error"] = {"code": error.code, "message": error.message}
-            if retryable(exc) and job.retryable:
-                self._count("task_retries")
-            else:
-                job.retries = job.attempts  # not worth another attempt: saq marks it failed
-                self._count("task_outcomes", TaskStatus.FAILED.value)
+            job.retries = job.attempts  # the provider retried already: saq marks it failed
+            self._count("task_outcomes", TaskStatus.FAILED.value)
             raise
         finally:
             beat.cancel()
@@ -375,7 +355,7 @@ class RedisTaskBackend:
             getattr(self._metrics, metric).labels(self.name, *labels).inc()
 
     @property
-    def _conn(self) -> tuple[_Queue, aioredis.Redis]:
+    def _conn(self) -> tuple[JobQueue, aioredis.Redis]:
         if self._queue is None or self._redis is None:
             raise RuntimeError("RedisTaskBackend is not started, or already closed")
         return self._queue, self._redis
@@ -390,13 +370,12 @@ def _failure(job: Job) -> ImageError:
     if isinstance(stored, dict):
         return ImageError(str(stored.get("code", INTERNAL.code)), str(stored.get("message", "")))
     if job.status is Status.ABORTED:
-        return ABANDONED
+        return abandoned(job.attempts)
     return INTERNAL
 
 
-async def _ping(redis: aioredis.Redis) -> bool:
-    # redis-py types each command for its sync and async clients at once.
-    return bool(await redis.ping())  # type: ignore[misc]
+class _Abandoned(Exception):
+    """Raised to make saq fail a job that has used up its attempts."""
 
 
 def _time(millis: int) -> datetime | None:

@@ -5,7 +5,10 @@ statements that move a task through its states live in
 `sia.tasks.sqlite_table`; this module owns the asyncio workers that claim
 queued tasks and run them, and the drain that stops them. Tasks survive a
 restart: whatever was queued or running when the process stopped is queued
-again by the next `start()`.
+again by the next `start()`, unless it has had `max_attempts` attempts: a
+task that crashes its process, or is interrupted that often, fails as
+ABANDONED rather than run (and be billed) again. An attempt after the first
+makes a single upstream call (see `sia.providers.retry.upstream_call_limit`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from structlog.contextvars import bound_contextvars
 from sia.domain import Task, TaskStatus
 from sia.errors import QueueFull, ShuttingDown, TaskNotCancellable, TaskNotFound, Unavailable
 from sia.logs import get_logger
+from sia.providers.retry import upstream_call_limit
 from sia.tasks.codec import result_to_json
 from sia.tasks.errors import INTERNAL, runner_failure
 from sia.tasks.sqlite_table import TaskTable
@@ -49,11 +53,13 @@ class SqliteTaskBackend:
         *,
         workers: int = 4,
         queue_limit: int = 1000,
+        max_attempts: int = 3,
         metrics: Metrics | None = None,
     ) -> None:
-        if workers < 1 or queue_limit < 1:
-            raise ValueError("workers and queue_limit must be at least 1")
+        if workers < 1 or queue_limit < 1 or max_attempts < 1:
+            raise ValueError("workers, queue_limit and max_attempts must be at least 1")
         self.path = path
+        self.max_attempts = max_attempts
         self._metrics = metrics
         self.workers = workers
         self.queue_limit = queue_limit
@@ -82,8 +88,7 @@ class SqliteTaskBackend:
         if self._store is not None or self._closed:
             raise RuntimeError("SqliteTaskBackend.start() may be called once")
         self._store = await TaskTable.open(self.path)
-        if requeued := await self._store.requeue():
-            log.info("tasks_requeued", count=requeued)
+        await self._requeue(None)
         self._worker_tasks = [
             asyncio.create_task(self._work(runner), name=f"sia-task-worker-{i}")
             for i in range(self.workers)
@@ -168,7 +173,7 @@ class SqliteTaskBackend:
             log.warning("task_abandoned", task_id=task_id)
             # Still RUNNING in the file if this fails: the next start() requeues it then.
             with contextlib.suppress(Unavailable):
-                await self._table.requeue(task_id)
+                await self._requeue(task_id)
             del self._running[task_id]
         self._client_cancelled.clear()
 
@@ -216,15 +221,27 @@ class SqliteTaskBackend:
                         self._idle -= 1
                     continue
                 if self._draining:
-                    await self._table.requeue(task.id)
+                    await self._table.unclaim(task.id)
                     return
                 await self._run(task, runner)
             except Exception:
                 log.exception("task_worker_error")
                 await asyncio.sleep(_POLL_SECONDS)
 
+    async def _requeue(self, task_id: str | None) -> None:
+        """Queue a RUNNING task (all, for None) again, or fail it once out of attempts."""
+        requeued, abandoned = await self._table.requeue(task_id, max_attempts=self.max_attempts)
+        if requeued and task_id is None:
+            log.info("tasks_requeued", count=requeued)
+        if abandoned:
+            log.error("tasks_abandoned", count=abandoned, max_attempts=self.max_attempts)
+            for _ in range(abandoned):
+                self._count_outcome(TaskStatus.FAILED)
+
     async def _run(self, task: Task, runner: Runner) -> None:
-        with bound_contextvars(task_id=task.id):
+        # A later attempt may follow a call that was billed: it gets one call, no retries.
+        calls = None if task.attempts <= 1 else 1
+        with bound_contextvars(task_id=task.id), upstream_call_limit(calls):
             job = asyncio.create_task(_run_to_json(runner, task), name=f"sia-{task.id}")
             self._running[task.id] = job
             try:
@@ -242,7 +259,7 @@ class SqliteTaskBackend:
             return
         if job.cancelled():
             if self._draining:
-                await self._table.requeue(task.id)
+                await self._requeue(task.id)
                 return
             log.error("task_failed", code=INTERNAL.code, reason="runner cancelled")
             await self._finish(task.id, TaskStatus.FAILED, None, INTERNAL)

@@ -20,7 +20,7 @@ from sia.domain import ImageError, Task, TaskStatus, new_task_id, utcnow
 from sia.errors import ConfigError
 from sia.tasks.base import TaskStats
 from sia.tasks.codec import from_iso, request_from_json, request_to_json, result_from_json, to_iso
-from sia.tasks.errors import CANCELLED, store_errors
+from sia.tasks.errors import ABANDONED_CODE, CANCELLED, store_errors
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -73,6 +73,18 @@ RETURNING *
 """
 _REQUEUE_ALL = "UPDATE tasks SET status = 'queued', updated_at = ? WHERE status = 'running'"
 _REQUEUE_ONE = f"{_REQUEUE_ALL} AND id = ?"
+_UNCLAIM = """
+UPDATE tasks SET status = 'queued', attempts = attempts - 1, updated_at = ?
+WHERE status = 'running' AND id = ?
+"""
+# A RUNNING task whose attempts reached the limit fails instead of being queued again.
+_ABANDON_ALL = """
+UPDATE tasks SET status = 'failed', error_code = ?,
+    error_message = 'the task was interrupted ' || attempts || ' times (TASK_MAX_ATTEMPTS)',
+    updated_at = ?, finished_at = ?
+WHERE status = 'running' AND attempts >= ?
+"""
+_ABANDON_ONE = f"{_ABANDON_ALL} AND id = ?"
 _PURGE = """
 DELETE FROM tasks WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
 """
@@ -151,12 +163,23 @@ class TaskTable:
         params = (CANCELLED.code, CANCELLED.message, now, now, task_id)
         return _task(await self._fetch_one(_CANCEL, params))
 
-    async def requeue(self, task_id: str | None = None) -> int:
-        """Put a RUNNING task (every one, without `task_id`) back in the queue; return how many."""
+    async def requeue(self, task_id: str | None = None, *, max_attempts: int) -> tuple[int, int]:
+        """Put a RUNNING task (every one, without `task_id`) back in the queue.
+
+        One that has had `max_attempts` attempts fails as ABANDONED instead.
+        Returns how many were queued again and how many failed.
+        """
         now = to_iso(utcnow())
         if task_id is None:
-            return await self._execute(_REQUEUE_ALL, (now,))
-        return await self._execute(_REQUEUE_ONE, (now, task_id))
+            abandoned = await self._execute(_ABANDON_ALL, (ABANDONED_CODE, now, now, max_attempts))
+            return await self._execute(_REQUEUE_ALL, (now,)), abandoned
+        params = (ABANDONED_CODE, now, now, max_attempts, task_id)
+        abandoned = await self._execute(_ABANDON_ONE, params)
+        return await self._execute(_REQUEUE_ONE, (now, task_id)), abandoned
+
+    async def unclaim(self, task_id: str) -> None:
+        """Queue a task claimed but never run again, taking back the attempt its claim counted."""
+        await self._execute(_UNCLAIM, (to_iso(utcnow()), task_id))
 
     async def stats(self) -> TaskStats:
         """How many tasks are in each status (zeros included) and the oldest queued one's age."""
