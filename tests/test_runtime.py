@@ -107,3 +107,12 @@ async def test_heap_upkeep_waits_for_a_burst_but_not_for_ever(
     async with asyncio.timeout(5):
         await runtime.heap_upkeep(main())
     assert collected_during_burst == [not burst_ends]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_tune_malloc_sets_the_mmap_threshold_where_glibc_is() -> None:
+    """mallopt accepts the threshold (returns 1); elsewhere tune_malloc does nothing."""
+    assert runtime.malloc_trim() is not None
+    runtime.tune_malloc()  # raises nothing, and the suite's allocations go on as before
+    mallopt = runtime.ctypes.CDLL(None).mallopt
+    assert mallopt(runtime.M_MMAP_THRESHOLD, runtime.MMAP_THRESHOLD) == 1

@@ -8,6 +8,8 @@
 - `heap_upkeep` instead runs a full collection every HEAP_UPKEEP_INTERVAL
   seconds (waiting while a burst is in flight), then `malloc_trim` on glibc
   so freed pages go back to the OS.
+- `tune_malloc` gives payloads above MMAP_THRESHOLD mappings of their own,
+  so a rejected oversized request returns its memory at once.
 - `exec_with_malloc_heap` re-executes the command once under
   PYTHONMALLOC=malloc on glibc: pymalloc's arenas stay pinned by a few
   long-lived objects after a burst, while glibc's heap can be trimmed.
@@ -40,7 +42,7 @@ UPKEEP_BUSY_POLL = 0.5
 #: burst of a few thousand calls holds, not the schedule.
 GC_YOUNG_THRESHOLD = 500_000
 #: Bytes from which glibc serves an allocation from its own mapping (see `tune_malloc`).
-MMAP_THRESHOLD = 1024 * 1024
+MMAP_THRESHOLD = 8 * 1024 * 1024
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -64,9 +66,10 @@ def tune_gc() -> None:
 def tune_malloc() -> None:
     """Serve allocations of MMAP_THRESHOLD bytes or more from their own mappings (glibc).
 
-    Request payloads of several MiB (data URIs, base64 images) then go back to
-    the OS the moment they are freed, instead of waiting in the heap for the
-    next trim; smaller allocations, the per-call ones, are unaffected. glibc
+    Payloads larger than any image the service handles (a client's oversized
+    data URI, say) then go back to the OS the moment they are freed instead
+    of waiting in the heap for the next trim. Images and per-call objects stay
+    below it, in the heap, where reuse is cheaper than a fresh mapping. glibc
     would otherwise raise its threshold to the largest block freed so far.
     """
     if malloc_trim() is None:  # not glibc
