@@ -156,8 +156,10 @@ class LocalBlobStore:
         # A name no key has, so /images never serves it and a crash leaves it to the sweep.
         probe = self.root / f".ready-{secrets.token_hex(8)}"
         try:
-            self._write(probe, b"ready")
-            probe.unlink()
+            try:  # written in place: a probe in flight is never taken for a stale `.part`
+                probe.write_bytes(b"ready")
+            finally:
+                probe.unlink(missing_ok=True)
             free = os.statvfs(self.root)
         except OSError as exc:
             return os.strerror(exc.errno) if exc.errno else type(exc).__name__
