@@ -6,6 +6,7 @@ else that escapes a handler is a bug and becomes INTERNAL.
 
     SiaError
     ├── InvalidArgument            a request field is wrong (names the field)
+    │   ├── UndecodableRequest     the request bytes are no valid message (no field to name)
     │   └── UpstreamRejected       the provider refused the parameters or the content
     ├── NotFound
     │   └── TaskNotFound           no task has that id
@@ -74,6 +75,14 @@ class InvalidArgument(SiaError):
     def field(cls, name: str, description: str) -> InvalidArgument:
         """The error for a single bad field."""
         return cls(FieldViolation(name, description))
+
+
+class UndecodableRequest(InvalidArgument):
+    """The request's bytes are not a valid message of the method's type (no field to name)."""
+
+    def __init__(self, message_type: str) -> None:
+        SiaError.__init__(self, f"the request is not a valid {message_type}")
+        self.violations = []
 
 
 class UpstreamRejected(InvalidArgument):

@@ -25,7 +25,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from sia.domain import new_request_id
-from sia.errors import InvalidArgument, ProviderMisconfigured, ShuttingDown, SiaError
+from sia.errors import ProviderMisconfigured, ShuttingDown, SiaError, UndecodableRequest
 from sia.logs import REQUEST_ID, AccessLog, get_logger
 from sia.rpc.errors import make_status, to_status
 
@@ -60,14 +60,6 @@ def access_level(exc: SiaError, code: grpc.StatusCode) -> str:
     if isinstance(exc, ProviderMisconfigured):
         return "error"  # FAILED_PRECONDITION, yet every call fails until an operator acts
     return ACCESS_LEVELS.get(code, "info")
-
-
-class UndecodableRequest(InvalidArgument):
-    """The request's bytes are not a valid message of the method's type (no field to name)."""
-
-    def __init__(self, message_type: str) -> None:
-        SiaError.__init__(self, f"the request is not a valid {message_type}")
-        self.violations = []
 
 
 class _Undecodable:
