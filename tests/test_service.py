@@ -14,12 +14,18 @@ from PIL import Image
 from sia import service
 from sia.app import App
 from sia.domain import GenerationRequest, GenerationResult, TaskStatus, utcnow
-from sia.errors import DeadlineExceeded, InvalidArgument, ReferencesBusy, TaskNotFound
+from sia.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ReferencesBusy,
+    TaskNotFound,
+    UpstreamUnavailable,
+)
 from sia.models import ARK_MODELS
 from sia.providers.ark import ArkProvider
 from sia.validation import INLINE_DECODE_CHARS, MAX_REFERENCE_TOTAL_BYTES
 from tests.helpers import TEST_SIZE, MakeSettings
-from tests.providers.scripted import Reply, ScriptedClient
+from tests.providers.scripted import JSON, Reply, ScriptedClient
 
 #: How long a test waits for a timer set to fire well within it, before it fails.
 GUARD = 5.0
@@ -129,6 +135,22 @@ async def test_image_timeout_ends_a_hanging_ark_call(make_settings: MakeSettings
         assert isinstance(ended, DeadlineExceeded), f"IMAGE_TIMEOUT did not fire: {ended!r}"
         assert len(client.sent) == 1  # ended, not retried
         assert _timeouts(app) == 1
+
+
+async def test_an_answer_lost_after_a_2xx_fails_once_and_is_counted(
+    make_settings: MakeSettings,
+) -> None:
+    """A 200 whose body is cut off is not retried (it was likely billed) and is counted."""
+    client = ScriptedClient(Reply(200, JSON, (b'{"data": [',), broken=True))
+    provider = ArkProvider("http://ark.invalid", "k", client=client)
+    async with App(make_settings(), provider=provider) as app:
+        with pytest.raises(UpstreamUnavailable, match="lost in transit"):
+            await app.service.generate(_request())
+        assert len(client.sent) == 1
+        lost = app.metrics.registry.get_sample_value(
+            "sia_upstream_answers_lost_total", {"provider": "ark"}
+        )
+        assert lost == 1
 
 
 def _noise_png(side: int = 200) -> str:

@@ -224,6 +224,13 @@ class Metrics:
             ("provider", "code"),
             registry=r,
         )
+        self.upstream_answers_lost = Counter(
+            "sia_upstream_answers_lost_total",
+            "Provider answers cut off after a 2xx: likely generated and billed, but not "
+            "delivered; never retried.",
+            ("provider",),
+            registry=r,
+        )
         self.info = Gauge(
             "sia_build_info",
             "Always 1; labels say which version and provider run.",

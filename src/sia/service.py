@@ -216,6 +216,8 @@ class ImageService:
         except SiaError as exc:
             code = exc.metadata.get("upstream_code", exc.reason)
             metrics.upstream_errors.labels(provider, code).inc()
+            if "answer_lost" in exc.metadata:
+                metrics.upstream_answers_lost.labels(provider).inc()
             raise
         finally:
             elapsed = time.perf_counter() - start

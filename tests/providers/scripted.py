@@ -17,7 +17,7 @@ import orjson
 from multidict import CIMultiDict
 
 from sia.errors import UpstreamUnavailable
-from sia.providers.client import Answer, media_type
+from sia.providers.client import Answer, answer_broken, media_type
 
 JSON = {"Content-Type": "application/json"}
 SSE = {"Content-Type": "text/event-stream"}
@@ -89,14 +89,15 @@ class ScriptedAnswer:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's chunks, then a connection failure when the reply is `broken`."""
+        """The body's chunks, then a connection failure when the reply is `broken`
+        (final after a 2xx, as the real client's)."""
         assert not self._read, "the body was read twice"
         self._read = True
         for chunk in self._reply.chunks:
             await asyncio.sleep(0)
             yield chunk
         if self._reply.broken:
-            raise UpstreamUnavailable("scripted: connection broken", metadata={})
+            raise answer_broken("scripted", self.status, ConnectionResetError())
 
 
 class ScriptedClient:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -69,6 +70,24 @@ BEHAVIOURS: dict[str, Behaviour] = {
 }
 
 
+async def _count_then_fail(
+    request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    """A streaming handler written as an async generator: two messages, then an error."""
+    yield b"1"
+    yield b"2"
+    raise UpstreamUnavailable("the provider went away mid-group")
+
+
+async def _write_two(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """A streaming handler written as a coroutine calling context.write (as health's Watch)."""
+    await context.write(b"a")
+    await context.write(b"b")
+
+
+STREAMS: dict[str, Behaviour] = {"CountThenFail": _count_then_fail, "WriteTwo": _write_two}
+
+
 class Probe:
     """A real grpc.aio server with the interceptor, serving BEHAVIOURS, and a channel to it."""
 
@@ -107,6 +126,12 @@ async def probe() -> AsyncIterator[Probe]:
             response_serializer=bytes,
         )
         for name, behave in BEHAVIOURS.items()
+    }
+    handlers |= {
+        name: grpc.unary_stream_rpc_method_handler(
+            behave, request_deserializer=bytes, response_serializer=bytes
+        )
+        for name, behave in STREAMS.items()
     }
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
     port = server.add_insecure_port("127.0.0.1:0")
@@ -242,3 +267,57 @@ async def test_undecodable_request_is_invalid_argument_logged_and_counted(
     assert sample("sia_undecodable_requests_total", labels) == 1
     handled = {**labels, "grpc_type": "unary", "grpc_code": "INVALID_ARGUMENT"}
     assert sample("grpc_server_handled_total", handled) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "messages", "code", "level"),
+    [
+        ("CountThenFail", [b"1", b"2"], "UNAVAILABLE", "error"),
+        ("WriteTwo", [b"a", b"b"], "OK", "info"),
+    ],
+)
+async def test_server_streams_are_observed_like_unary_calls(
+    probe: Probe,
+    lines: Lines,
+    log_config: LogConfig,
+    name: str,
+    messages: list[bytes],
+    code: str,
+    level: str,
+) -> None:
+    """Either way of writing a streaming handler sends its messages; an error after them
+    reaches the client as its status; one access line and the server_stream counters."""
+    log_config("info")
+    stream: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
+    stream = probe.channel.unary_stream(f"/{SERVICE}/{name}")
+    call = stream(b"")
+    received = []
+    with contextlib.suppress(grpc.aio.AioRpcError):  # the status is checked below
+        while (message := await call.read()) is not grpc.aio.EOF:
+            received.append(message)
+    assert received == messages
+    assert (await call.code()).name == code
+    line = await lines.access_line(f"/{SERVICE}/{name}")
+    assert (line["code"], line["level"]) == (code, level)
+    labels = {"grpc_type": "server_stream", "grpc_service": SERVICE, "grpc_method": name}
+    handled = probe.metrics.registry.get_sample_value(
+        "grpc_server_handled_total", {**labels, "grpc_code": code}
+    )
+    assert handled == 1
+
+
+async def test_undecodable_watch_request_is_invalid_argument(
+    app: App, channel: grpc.aio.Channel
+) -> None:
+    """A streaming method (health's Watch) answers bytes that do not parse INVALID_ARGUMENT,
+    not grpc.aio's UNKNOWN, and counts them."""
+    method = "/grpc.health.v1.Health/Watch"
+    watch: grpc.aio.UnaryStreamMultiCallable[bytes, bytes]
+    watch = channel.unary_stream(method, request_serializer=None, response_deserializer=None)
+    call = watch(b"\xff\xff\xff")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await within(call.read(), "no answer to undecodable bytes")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "the request is not a valid grpc.health.v1.HealthCheckRequest"
+    labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Watch"}
+    assert app.metrics.registry.get_sample_value("sia_undecodable_requests_total", labels) == 1

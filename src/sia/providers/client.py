@@ -240,23 +240,27 @@ class StreamedAnswer:
             yield chunk
 
     def _answer_broken(self, exc: BaseException) -> UpstreamUnavailable:
-        """The error for a body cut off; final after a 2xx, which the upstream likely billed."""
-        if not 200 <= self.status < 300:
-            return connection_failed(self._provider, exc)
-        kind = type(exc).__name__
-        log.error("upstream_answer_lost", provider=self._provider, status=self.status, error=kind)
-        error = UpstreamUnavailable(
-            f"the {self._provider} provider's answer was lost in transit ({kind}); "
-            "not retried, as the upstream may have generated and billed it",
-            metadata={"provider": self._provider, "upstream_code": kind, "answer_lost": "true"},
-        )
-        error.final = True
-        return error
+        return answer_broken(self._provider, self.status, exc)
 
 
 def media_type(headers: Mapping[str, str]) -> str:
     """The Content-Type's media type, lower case, without parameters ("" when absent)."""
     return headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+def answer_broken(provider: str, status: int, exc: BaseException) -> UpstreamUnavailable:
+    """The error for a body cut off; final after a 2xx, which the upstream likely billed."""
+    if not 200 <= status < 300:
+        return connection_failed(provider, exc)
+    kind = type(exc).__name__
+    log.error("upstream_answer_lost", provider=provider, status=status, error=kind)
+    error = UpstreamUnavailable(
+        f"the {provider} provider's answer was lost in transit ({kind}); "
+        "not retried, as the upstream may have generated and billed it",
+        metadata={"provider": provider, "upstream_code": kind, "answer_lost": "true"},
+    )
+    error.final = True
+    return error
 
 
 def connection_failed(provider: str, exc: BaseException) -> UpstreamUnavailable:

@@ -1,6 +1,6 @@
 """The server interceptor: request ids, errors to statuses, access log and metrics.
 
-Every unary RPC goes through `ObservabilityInterceptor`. It binds a request
+Every unary and server-streaming RPC goes through `ObservabilityInterceptor`. It binds a request
 id (the client's `x-request-id` metadata, or a new one) into the log context,
 refuses work while the server drains, turns `SiaError` into a rich status and
 any other exception into INTERNAL (logged with its trace, never sent), then
@@ -17,6 +17,7 @@ grpc.aio (which answers UNKNOWN before any interceptor code runs).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -106,37 +107,51 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         ],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Return the cached wrapped handler for unary methods, others unchanged."""
+        """Return the cached wrapped handler for unary and server-streaming methods,
+        others unchanged."""
         method: str = details.method
         cached = self._wrapped.get(method)
         if cached is not None:
             return cached
         handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
+            return None
+        message_type = _message_type(handler.request_deserializer)
+        deserializer = _tolerant(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, handler.unary_unary, message_type, streaming=False),  # type: ignore[arg-type]  # aio handlers are async
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._wrap(method, handler.unary_stream, message_type, streaming=True),  # type: ignore[arg-type]  # as above
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        else:
             return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(
-                method,
-                handler.unary_unary,  # type: ignore[arg-type]  # aio handlers are async
-                _message_type(handler.request_deserializer),
-            ),
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
         self._wrapped[method] = wrapped
         return wrapped
 
     def _wrap(
         self,
         method: str,
-        behaviour: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]],
+        behaviour: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any],
         message_type: str,
+        *,
+        streaming: bool,
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        """The handler around `behaviour`: a coroutine for a unary method; for a
+        server-streaming one an async generator or a coroutine calling
+        `context.write`, either way driven here through `context.write`."""
         service, _, name = method.lstrip("/").rpartition("/")
+        grpc_type = "server_stream" if streaming else "unary"
         guarded = service in GUARDED_SERVICES
         metrics = self.metrics
-        started = metrics.rpc_started.labels("unary", service, name)
-        seconds = metrics.rpc_seconds.labels("unary", service, name)
+        started = metrics.rpc_started.labels(grpc_type, service, name)
+        seconds = metrics.rpc_seconds.labels(grpc_type, service, name)
         in_flight = metrics.rpc_in_flight.labels(service, name)
         undecodable = metrics.undecodable_requests.labels(service, name)
         readiness = self.readiness
@@ -154,6 +169,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     raise UndecodableRequest(message_type)
                 if guarded and readiness.shutting_down:
                     raise ShuttingDown
+                if streaming:
+                    return await _stream(behaviour(request, context), context)
                 return await behaviour(request, context)
             except SiaError as exc:
                 status = to_status(exc)
@@ -162,9 +179,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 return _answer(context, status)
             except asyncio.CancelledError:
                 # The client's own deadline or cancel: its business, so the line stays info.
-                remaining = context.time_remaining()
-                deadline = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
+                code = _ended_by_client(context)
                 raise
             except grpc.aio.AbortError:
                 code = context.code() or grpc.StatusCode.UNKNOWN
@@ -180,7 +195,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 elapsed = time.perf_counter() - start
                 in_flight.dec()
                 seconds.observe(elapsed)
-                metrics.rpc_handled.labels("unary", service, name, code.name).inc()
+                metrics.rpc_handled.labels(grpc_type, service, name, code.name).inc()
                 access(
                     "rpc",
                     level,
@@ -191,6 +206,23 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                 REQUEST_ID.reset(bound)
 
         return handle
+
+
+def _ended_by_client(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """DEADLINE_EXCEEDED when the caller's deadline has passed, else CANCELLED."""
+    remaining = context.time_remaining()
+    deadline = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if deadline else grpc.StatusCode.CANCELLED
+
+
+async def _stream(answer: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Drive a streaming handler's answer: an async generator's messages are written
+    here; a coroutine writes its own."""
+    if inspect.isasyncgen(answer):
+        async for message in answer:
+            await context.write(message)
+    else:
+        await answer
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:

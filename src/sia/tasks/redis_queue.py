@@ -7,7 +7,8 @@
   logging a traceback each second.
 - Nothing finished is lost to an outage: a job's final write (its result, or
   its retry) waits for Redis to come back rather than being dropped, which
-  would leave the job to the sweep and generate it again.
+  would leave the job to the sweep and generate it again; the sweep holds
+  off until such writes have had their chance (`Outage.settling`).
 
 redis-py's exceptions never leave the `sia.tasks` package.
 """
@@ -40,24 +41,42 @@ MAX_DELAY = 2.0
 
 
 class Outage:
-    """Whether Redis is unreachable, and how long a worker waits before trying again."""
+    """Whether Redis is unreachable, and how long a worker waits before trying again.
+
+    The first call to succeed after an outage wakes every waiting one, so that
+    finished jobs' writes land at once rather than a back-off later.
+    """
 
     def __init__(self) -> None:
         self.failures = 0
+        self.resumed_at = -MAX_DELAY
+        self._back = asyncio.Event()
 
     async def wait(self, exc: BaseException) -> None:
         """Record a failed call and sleep the back-off; the first failure is logged."""
         if self.failures == 0:
             log.error("redis_unreachable", error=type(exc).__name__, detail=str(exc)[:200])
+            self._back = asyncio.Event()
         self.failures += 1
         delay = min(MAX_DELAY, FIRST_DELAY * 2 ** min(self.failures, 10))
-        await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
+        pause = random.uniform(delay / 2, delay)  # noqa: S311 - jitter, not crypto
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._back.wait(), pause)
 
     def over(self) -> None:
         """Record a call that succeeded."""
         if self.failures:
             log.warning("redis_reachable_again", failed_calls=self.failures)
             self.failures = 0
+            self.resumed_at = asyncio.get_running_loop().time()
+            self._back.set()
+
+    def settling(self) -> bool:
+        """Down, or back for less than one back-off: writes delayed by it may not have
+        landed yet, so a job that looks abandoned may only be late."""
+        return bool(self.failures) or (
+            asyncio.get_running_loop().time() - self.resumed_at < MAX_DELAY
+        )
 
 
 class JobWorker(Worker[Any]):
@@ -128,11 +147,15 @@ class JobQueue(RedisQueue):
                 return
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
+        # Touches and final writes failed during an outage too: start afresh once every
+        # replica has had a back-off to retry them, so a job whose replica lives is seen
+        # written (or touched) before it is swept.
+        if self.outage.settling():
+            self._suspects.clear()
+            return []
         try:
             return await self._sweep_round(lock, abort)
         except FAULTS:
-            # Touches failed during the outage too: start afresh, so that a job whose
-            # replica lives is seen twice, after its next touch, before it is swept.
             self._suspects.clear()
             return []
 
