@@ -9,6 +9,7 @@ docs/configuration.md.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -96,6 +97,22 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = None
     s3_public_url: str = ""
 
+    # Access control (docs/access-control.md).
+    auth_mode: Literal["auto", "keys", "none"] = "auto"
+    keys_refresh_interval: Annotated[float, Field(gt=0, le=10)] = 5.0
+    metrics_token: SecretStr | None = None
+    model_prices: dict[str, Annotated[float, Field(ge=0)]] = {}
+    upstream_images_per_minute: Annotated[int, Field(ge=0)] = 0  # 0: no account-wide limit
+    limits_storage: Literal["auto", "memory", "redis"] = "auto"
+    image_url_ttl: Annotated[float, Field(ge=0)] = 0.0  # 0: TASK_RETENTION
+    image_url_secret: SecretStr | None = None
+    grpc_tls_cert_file: Path | None = None
+    grpc_tls_key_file: Path | None = None
+    grpc_tls_client_ca_file: Path | None = None
+    http_tls_cert_file: Path | None = None
+    http_tls_key_file: Path | None = None
+    tls_reload_interval: Annotated[float, Field(gt=0)] = 30.0
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -129,16 +146,39 @@ class Settings(BaseSettings):
         "image_provider",
         "task_backend",
         "blob_store",
+        "auth_mode",
+        "limits_storage",
         mode="before",
     )
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("image_api_key", "s3_secret_access_key", mode="before")
+    @field_validator(
+        "image_api_key",
+        "s3_secret_access_key",
+        "metrics_token",
+        "image_url_secret",
+        "grpc_tls_cert_file",
+        "grpc_tls_key_file",
+        "grpc_tls_client_ca_file",
+        "http_tls_cert_file",
+        "http_tls_key_file",
+        mode="before",
+    )
     @classmethod
     def _blank_key_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("model_prices", mode="before")
+    @classmethod
+    def _json_prices(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ValueError(f'not JSON ({exc.msg}); example: {{"model-id": 0.2}}') from None
+        return value
 
     @field_validator("public_url", "image_base_url", "s3_endpoint_url", "s3_public_url")
     @classmethod
@@ -159,6 +199,16 @@ class Settings(BaseSettings):
             raise ValueError(f"IMAGE_API_KEY: required when IMAGE_PROVIDER={self.image_provider}")
         if self.blob_store == "s3" and not self.s3_bucket:
             raise ValueError("S3_BUCKET: required when BLOB_STORE=s3")
+        for cert, key in (
+            ("grpc_tls_cert_file", "grpc_tls_key_file"),
+            ("http_tls_cert_file", "http_tls_key_file"),
+        ):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"{cert.upper()} and {key.upper()}: set both or neither")
+        if self.grpc_tls_client_ca_file is not None and self.grpc_tls_cert_file is None:
+            raise ValueError(
+                "GRPC_TLS_CLIENT_CA_FILE: needs GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE"
+            )
         for name, value in PROVIDER_DEFAULTS.get(self.provider, {}).items():
             if name not in self.model_fields_set:
                 object.__setattr__(self, name, value)  # frozen model: set during validation only
@@ -170,6 +220,19 @@ class Settings(BaseSettings):
         if self.image_provider != "auto":
             return self.image_provider
         return "ark" if self.image_api_key is not None else "offline"
+
+    @property
+    def limits_backend(self) -> Literal["memory", "redis"]:
+        """Where rate limits count: LIMITS_STORAGE, or for `auto` Redis with the redis task
+        backend (limits then hold across replicas) and memory otherwise."""
+        if self.limits_storage != "auto":
+            return self.limits_storage
+        return "redis" if self.task_backend == "redis" else "memory"
+
+    @property
+    def image_link_ttl(self) -> float:
+        """Seconds an HTTP-port image link stays valid: IMAGE_URL_TTL, else TASK_RETENTION."""
+        return self.image_url_ttl or self.task_retention
 
     @property
     def grpc_max_message_bytes(self) -> int:

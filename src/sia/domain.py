@@ -125,6 +125,7 @@ class Task:
     result: GenerationResult | None = None
     error: ImageError | None = None
     attempts: int = 0
+    owner: str = ""  # the name of the API key that submitted it ("" with access control off)
 
 
 def utcnow() -> datetime:

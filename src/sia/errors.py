@@ -8,13 +8,19 @@ else that escapes a handler is a bug and becomes INTERNAL.
     ├── InvalidArgument            a request field is wrong (names the field)
     │   ├── UndecodableRequest     the request bytes are no valid message (no field to name)
     │   └── UpstreamRejected       the provider refused the parameters or the content
+    ├── Unauthenticated            no API key, an unknown one or a revoked one (one message)
+    ├── PermissionDenied
+    │   └── ModelNotAllowed        the caller's key may not use the model asked for
     ├── NotFound
-    │   └── TaskNotFound           no task has that id
+    │   └── TaskNotFound           no task has that id (or it is another key's)
+    ├── AlreadyExists
+    │   └── RequestIdReused        the key's request_id names a task of a different request
     ├── FailedPrecondition
     │   ├── TaskNotCancellable     the task has already finished
     │   ├── ProviderMisconfigured  the provider refused this service's key or account
     │   └── ModelUnavailable       the provider account has not enabled the model asked for
     ├── ResourceExhausted
+    │   ├── QuotaExceeded          a key's limit or quota, or the account's images per minute
     │   ├── QueueFull              too many tasks are waiting
     │   ├── ReferencesBusy         reference images in flight fill the process's byte budget
     │   ├── UpstreamRateLimited    the provider's rate limit (retried first)
@@ -97,6 +103,33 @@ class UpstreamRejected(InvalidArgument):
         self.metadata = metadata or {}
 
 
+class Unauthenticated(SiaError):
+    """The call carries no API key, or one that is unknown or revoked.
+
+    One message for all three, so that an answer never tells which keys exist.
+    """
+
+    reason = "UNAUTHENTICATED"
+
+    def __init__(self) -> None:
+        super().__init__("a valid API key is required: metadata authorization: Bearer <key>")
+
+
+class PermissionDenied(SiaError):
+    """The caller is known but may not do this."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class ModelNotAllowed(PermissionDenied):
+    """The caller's key is not allowed the model it asked for."""
+
+    reason = "MODEL_NOT_ALLOWED"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"this API key may not use model {model!r}", metadata={"model": model})
+
+
 class NotFound(SiaError):
     """The named thing does not exist."""
 
@@ -110,6 +143,26 @@ class TaskNotFound(NotFound):
 
     def __init__(self, task_id: str) -> None:
         super().__init__(f"task {task_id!r} not found", metadata={"task_id": task_id})
+
+
+class AlreadyExists(SiaError):
+    """What the call would create exists already."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class RequestIdReused(AlreadyExists):
+    """The key used this request_id before, for a different request (Stripe's rule for
+    idempotency keys: a repeat must be the same request)."""
+
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str, task_id: str) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was already used for task {task_id!r} with a "
+            "different request; use a new request_id for a new request",
+            metadata={"request_id": request_id, "task_id": task_id},
+        )
 
 
 class FailedPrecondition(SiaError):
@@ -156,6 +209,31 @@ class ResourceExhausted(SiaError):
 
     reason = "RESOURCE_EXHAUSTED"
     retry_after: float | None = None
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A limit is reached: one of a key's (`subject` "key:NAME") or the account's images
+    per minute (`subject` "account").
+
+    `limit` names it ("requests_per_minute", "images_per_day", "budget_per_month", ...);
+    `retry_after` is when it next lets the call through. Clients get both in
+    `google.rpc.QuotaFailure` and `RetryInfo`.
+    """
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(
+        self, subject: str, limit: str, description: str, retry_after: float, value: int = 0
+    ) -> None:
+        super().__init__(
+            f"{limit} reached for {subject}: {description}; retry in {retry_after:.3g} s",
+            metadata={"subject": subject, "limit": limit},
+        )
+        self.subject = subject
+        self.limit = limit
+        self.description = description
+        self.retry_after = retry_after
+        self.value = value  # the limit's size, in its own unit (0: not a count)
 
 
 class QueueFull(ResourceExhausted):

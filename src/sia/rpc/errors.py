@@ -41,7 +41,10 @@ _ELLIPSIS = "…"
 #: Error class to status code; an error's nearest class in this table decides.
 STATUS_CODES: dict[type[errors.SiaError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -68,6 +71,15 @@ def to_status(exc: errors.SiaError) -> grpc.Status:
     ]
     if isinstance(exc, errors.InvalidArgument):
         details.append(_bad_request(exc.violations))
+    elif isinstance(exc, errors.QuotaExceeded):
+        failure = error_details_pb2.QuotaFailure()
+        failure.violations.add(
+            subject=clip(exc.subject, MAX_VALUE_BYTES),
+            description=clip(exc.description, MAX_VALUE_BYTES),
+            quota_id=exc.limit,
+            quota_value=exc.value,
+        )
+        details.append(failure)
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None and math.isfinite(retry_after):
         delay = duration_pb2.Duration()

@@ -49,10 +49,28 @@ class TaskBackend(Protocol):
         """Open the store and start the workers."""
         ...
 
-    async def submit(self, request: GenerationRequest) -> Task:
-        """Store a new QUEUED task, or return the existing one for request.request_id.
+    async def submit(self, request: GenerationRequest, *, owner: str = "") -> Task:
+        """Store a new QUEUED task of `owner` (an API key's name; "" when access control is
+        off), or return the task `owner` already has for request.request_id, whatever its
+        request (the service compares them). request_ids of different owners never meet.
 
         Raises sia.errors.QueueFull when the queue is at its limit.
+        """
+        ...
+
+    async def list(
+        self,
+        owner: str,
+        *,
+        status: TaskStatus | None = None,
+        limit: int = 20,
+        after: str = "",
+    ) -> tuple[list[Task], str]:
+        """`owner`'s tasks (all statuses, or `status`), newest first, at most `limit`; and
+        the cursor to pass as `after` for the next page ("" on the last page).
+
+        Cursors are opaque strings of the backend's own; a bad one raises
+        sia.errors.InvalidArgument naming "page_token".
         """
         ...
 

@@ -107,6 +107,30 @@ SERVING_STATUS_NOT_SERVING: ServingStatus.ValueType  # 2
 """The service is starting, shutting down or cannot reach what it needs."""
 Global___ServingStatus: _TypeAlias = ServingStatus  # noqa: Y015
 
+class _UsagePeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsagePeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsagePeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_PERIOD_UNSPECIFIED: _UsagePeriod.ValueType  # 0
+    """Unset: the same as USAGE_PERIOD_TODAY, unless start_date is set."""
+    USAGE_PERIOD_TODAY: _UsagePeriod.ValueType  # 1
+    """Today (UTC)."""
+    USAGE_PERIOD_MONTH: _UsagePeriod.ValueType  # 2
+    """This calendar month (UTC), up to today."""
+
+class UsagePeriod(_UsagePeriod, metaclass=_UsagePeriodEnumTypeWrapper):
+    """UsagePeriod picks the days GetUsage sums."""
+
+USAGE_PERIOD_UNSPECIFIED: UsagePeriod.ValueType  # 0
+"""Unset: the same as USAGE_PERIOD_TODAY, unless start_date is set."""
+USAGE_PERIOD_TODAY: UsagePeriod.ValueType  # 1
+"""Today (UTC)."""
+USAGE_PERIOD_MONTH: UsagePeriod.ValueType  # 2
+"""This calendar month (UTC), up to today."""
+Global___UsagePeriod: _TypeAlias = UsagePeriod  # noqa: Y015
+
 @_typing.final
 class GenerateImageRequest(_message.Message):
     """GenerateImageRequest asks for one image (text-to-image, or image-to-image
@@ -147,8 +171,10 @@ class GenerateImageRequest(_message.Message):
     response_format: Global___ResponseFormat.ValueType
     """How to return the images. Unset: URLs."""
     request_id: _builtins.str
-    """Client-chosen idempotency key for GenerateImageAsync: a repeated submit
-    with the same request_id returns the first task instead of a new one.
+    """Client-chosen idempotency key for GenerateImageAsync, scoped to the
+    caller's API key: a repeated submit of the same request with the same
+    request_id returns the first task instead of a new one; a different
+    request with it is refused (ALREADY_EXISTS, naming the first task).
     At most 128 characters.
     """
     @_builtins.property
@@ -602,3 +628,175 @@ class HealthCheckResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthCheckResponse: _TypeAlias = HealthCheckResponse  # noqa: Y015
+
+@_typing.final
+class ListImageTasksRequest(_message.Message):
+    """ListImageTasksRequest asks for one page of the caller's tasks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    status: Global___TaskStatus.ValueType
+    """Only tasks in this status. Unset: every status."""
+    page_size: _builtins.int
+    """Most tasks in the page, in [1, 100]. Unset or 0: 20."""
+    page_token: _builtins.str
+    """next_page_token of the previous page. Empty: the first page."""
+    def __init__(
+        self,
+        *,
+        status: Global___TaskStatus.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListImageTasksRequest: _TypeAlias = ListImageTasksRequest  # noqa: Y015
+
+@_typing.final
+class ListImageTasksResponse(_message.Message):
+    """ListImageTasksResponse is one page of tasks, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetImageTaskResponse]:
+        """The tasks, as GetImageTask returns them."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___GetImageTaskResponse] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListImageTasksResponse: _TypeAlias = ListImageTasksResponse  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """GetUsageRequest names the days to report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    period: Global___UsagePeriod.ValueType
+    """A named period; ignored when start_date is set."""
+    start_date: _builtins.str
+    """First day, "YYYY-MM-DD" (UTC), inclusive. At most 366 days before end_date."""
+    end_date: _builtins.str
+    """Last day, "YYYY-MM-DD" (UTC), inclusive. Empty: today."""
+    def __init__(
+        self,
+        *,
+        period: Global___UsagePeriod.ValueType = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "period", b"period", "start_date", b"start_date"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015
+
+@_typing.final
+class ModelUsage(_message.Message):
+    """ModelUsage is what one model was used for in the period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    IMAGES_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Model id."""
+    requests: _builtins.int
+    """Generation calls and tasks that reached the provider."""
+    images: _builtins.int
+    """Images generated."""
+    output_tokens: _builtins.int
+    """Output tokens billed for the images."""
+    cost: _builtins.float
+    """Estimated cost, in `currency`, from the server's price table."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        images: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cost: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "images", b"images", "model", b"model", "output_tokens", b"output_tokens", "requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelUsage: _TypeAlias = ModelUsage  # noqa: Y015
+
+@_typing.final
+class GetUsageResponse(_message.Message):
+    """GetUsageResponse sums the caller's usage over the period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The API key's name (empty when the server runs without keys)."""
+    start_date: _builtins.str
+    """First day of the period, "YYYY-MM-DD"."""
+    end_date: _builtins.str
+    """Last day of the period, "YYYY-MM-DD"."""
+    currency: _builtins.str
+    """Currency of the costs, for example "CNY"."""
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelUsage]:
+        """Usage per model, by model id."""
+
+    @_builtins.property
+    def total(self) -> Global___ModelUsage:
+        """The sum over the models."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        models: _abc.Iterable[Global___ModelUsage] | None = ...,
+        total: Global___ModelUsage | None = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "end_date", b"end_date", "key", b"key", "models", b"models", "start_date", b"start_date", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015

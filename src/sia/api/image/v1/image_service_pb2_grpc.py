@@ -30,6 +30,10 @@ class ImageServiceStub:
 
     Clients should set a deadline on every call: gRPC sets none by default and
     a generation can take a minute or more.
+
+    When the server has API keys, every call but HealthCheck needs metadata
+    "authorization: Bearer <key>"; tasks and usage belong to the key that made
+    them.
     """
 
     def __init__(self, channel):
@@ -68,6 +72,16 @@ class ImageServiceStub:
                 request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.CancelImageTaskRequest.SerializeToString,
                 response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.CancelImageTaskResponse.FromString,
                 _registered_method=True)
+        self.ListImageTasks = channel.unary_unary(
+                '/image.v1.ImageService/ListImageTasks',
+                request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.ListImageTasksRequest.SerializeToString,
+                response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.ListImageTasksResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/image.v1.ImageService/GetUsage',
+                request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -75,6 +89,10 @@ class ImageServiceServicer:
 
     Clients should set a deadline on every call: gRPC sets none by default and
     a generation can take a minute or more.
+
+    When the server has API keys, every call but HealthCheck needs metadata
+    "authorization: Bearer <key>"; tasks and usage belong to the key that made
+    them.
     """
 
     def GenerateImage(self, request, context):
@@ -86,7 +104,8 @@ class ImageServiceServicer:
 
     def GenerateImageAsync(self, request, context):
         """GenerateImageAsync stores the request as a task and returns its id at once.
-        A repeated call with the same request_id returns the same task.
+        A repeated call with the same request_id (and the same request) returns the
+        same task; the same request_id with a different request is ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -119,6 +138,20 @@ class ImageServiceServicer:
     def CancelImageTask(self, request, context):
         """CancelImageTask cancels a queued or running task. A finished task cannot
         be cancelled (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListImageTasks(self, request, context):
+        """ListImageTasks lists the caller's own tasks, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """GetUsage reports what the caller's key has used and spent, per model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +190,16 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.CancelImageTaskRequest.FromString,
                     response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.CancelImageTaskResponse.SerializeToString,
             ),
+            'ListImageTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImageTasks,
+                    request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.ListImageTasksRequest.FromString,
+                    response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.ListImageTasksResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'image.v1.ImageService', rpc_method_handlers)
@@ -170,6 +213,10 @@ class ImageService:
 
     Clients should set a deadline on every call: gRPC sets none by default and
     a generation can take a minute or more.
+
+    When the server has API keys, every call but HealthCheck needs metadata
+    "authorization: Bearer <key>"; tasks and usage belong to the key that made
+    them.
     """
 
     @staticmethod
@@ -324,6 +371,60 @@ class ImageService:
             '/image.v1.ImageService/CancelImageTask',
             sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.CancelImageTaskRequest.SerializeToString,
             sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.CancelImageTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImageTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/image.v1.ImageService/ListImageTasks',
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.ListImageTasksRequest.SerializeToString,
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.ListImageTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/image.v1.ImageService/GetUsage',
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageRequest.SerializeToString,
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,6 +34,10 @@ class ImageServiceStub:
 
     Clients should set a deadline on every call: gRPC sets none by default and
     a generation can take a minute or more.
+
+    When the server has API keys, every call but HealthCheck needs metadata
+    "authorization: Bearer <key>"; tasks and usage belong to the key that made
+    them.
     """
 
     @_typing.overload
@@ -44,7 +48,8 @@ class ImageServiceStub:
     """GenerateImage generates one image and waits for it."""
     GenerateImageAsync: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GenerateImageRequest, _image_service_pb2.GenerateImageAsyncResponse]
     """GenerateImageAsync stores the request as a task and returns its id at once.
-    A repeated call with the same request_id returns the same task.
+    A repeated call with the same request_id (and the same request) returns the
+    same task; the same request_id with a different request is ALREADY_EXISTS.
     """
     GetImageTask: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GetImageTaskRequest, _image_service_pb2.GetImageTaskResponse]
     """GetImageTask returns a task's status and, once it has one, its result or error."""
@@ -61,6 +66,10 @@ class ImageServiceStub:
     """CancelImageTask cancels a queued or running task. A finished task cannot
     be cancelled (FAILED_PRECONDITION).
     """
+    ListImageTasks: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.ListImageTasksRequest, _image_service_pb2.ListImageTasksResponse]
+    """ListImageTasks lists the caller's own tasks, newest first, a page at a time."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GetUsageRequest, _image_service_pb2.GetUsageResponse]
+    """GetUsage reports what the caller's key has used and spent, per model."""
 
 @_typing.type_check_only
 class ImageServiceAsyncStub(ImageServiceStub):
@@ -68,6 +77,10 @@ class ImageServiceAsyncStub(ImageServiceStub):
 
     Clients should set a deadline on every call: gRPC sets none by default and
     a generation can take a minute or more.
+
+    When the server has API keys, every call but HealthCheck needs metadata
+    "authorization: Bearer <key>"; tasks and usage belong to the key that made
+    them.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -75,7 +88,8 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """GenerateImage generates one image and waits for it."""
     GenerateImageAsync: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GenerateImageRequest, _image_service_pb2.GenerateImageAsyncResponse]  # type: ignore[assignment]
     """GenerateImageAsync stores the request as a task and returns its id at once.
-    A repeated call with the same request_id returns the same task.
+    A repeated call with the same request_id (and the same request) returns the
+    same task; the same request_id with a different request is ALREADY_EXISTS.
     """
     GetImageTask: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GetImageTaskRequest, _image_service_pb2.GetImageTaskResponse]  # type: ignore[assignment]
     """GetImageTask returns a task's status and, once it has one, its result or error."""
@@ -92,12 +106,20 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """CancelImageTask cancels a queued or running task. A finished task cannot
     be cancelled (FAILED_PRECONDITION).
     """
+    ListImageTasks: _aio.UnaryUnaryMultiCallable[_image_service_pb2.ListImageTasksRequest, _image_service_pb2.ListImageTasksResponse]  # type: ignore[assignment]
+    """ListImageTasks lists the caller's own tasks, newest first, a page at a time."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GetUsageRequest, _image_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """GetUsage reports what the caller's key has used and spent, per model."""
 
 class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
     """ImageService generates images from a prompt and optional reference images.
 
     Clients should set a deadline on every call: gRPC sets none by default and
     a generation can take a minute or more.
+
+    When the server has API keys, every call but HealthCheck needs metadata
+    "authorization: Bearer <key>"; tasks and usage belong to the key that made
+    them.
     """
 
     @_abc_1.abstractmethod
@@ -115,7 +137,8 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_image_service_pb2.GenerateImageAsyncResponse, _abc.Awaitable[_image_service_pb2.GenerateImageAsyncResponse]]:
         """GenerateImageAsync stores the request as a task and returns its id at once.
-        A repeated call with the same request_id returns the same task.
+        A repeated call with the same request_id (and the same request) returns the
+        same task; the same request_id with a different request is ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -156,5 +179,21 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         """CancelImageTask cancels a queued or running task. A finished task cannot
         be cancelled (FAILED_PRECONDITION).
         """
+
+    @_abc_1.abstractmethod
+    def ListImageTasks(
+        self,
+        request: _image_service_pb2.ListImageTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_service_pb2.ListImageTasksResponse, _abc.Awaitable[_image_service_pb2.ListImageTasksResponse]]:
+        """ListImageTasks lists the caller's own tasks, newest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _image_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_service_pb2.GetUsageResponse, _abc.Awaitable[_image_service_pb2.GetUsageResponse]]:
+        """GetUsage reports what the caller's key has used and spent, per model."""
 
 def add_ImageServiceServicer_to_server(servicer: ImageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
