@@ -9,7 +9,8 @@ figures cover exactly the calls counted.
 
 Commands (`op`):
 
-    load    closed loop: `concurrency` coroutines call `method` back to back;
+    load    closed loop: `concurrency` coroutines call `method` back to back (with
+            `metadata` pairs, e.g. an API key, when given);
             `warmup` seconds are run first and not counted, then `duration`
             seconds are measured (calls/s, latency percentiles, server CPU per call)
     burst   `calls` calls started at once over `channels` connections; wall time,
@@ -151,12 +152,13 @@ async def op_load(cmd: dict[str, Any]) -> dict[str, Any]:
         stubs = [callable_for(c, cmd["method"], cmd.get("response")) for c in chans]
         request = make_request(cmd.get("request", {}))
         timeout = cmd.get("timeout", 30.0)
+        metadata = tuple((str(k), str(v)) for k, v in cmd.get("metadata", ())) or None
         turn = 0
 
         async def call() -> None:
             nonlocal turn
             turn += 1
-            await stubs[turn % len(stubs)](request, timeout=timeout)
+            await stubs[turn % len(stubs)](request, timeout=timeout, metadata=metadata)
 
         if pid:
             idle = memory(pid)["VmRSS"]

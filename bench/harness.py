@@ -53,6 +53,16 @@ class Harness:
         # seed) moves its CPU per call, so the median is over processes, not over one.
         self.sias = [self.fleet.sia(f"sia-{i + 1}", fast_url, self.extra) for i in range(cfg.reps)]
         self.sia = self.sias[0]
+        # Target 1 again with access control on: an API key with generous in-memory limits
+        # (each checked per call), one server per repetition; one with the limits in Redis.
+        self.keyed = [self._keyed(f"sia-keys-{i + 1}", fast_url) for i in range(cfg.reps)]
+        if cfg.redis != "off":
+            redis = {"LIMITS_STORAGE": "redis", "REDIS_URL": cfg.redis_url}
+            self.keyed_redis: tuple[Proc, str] | None = self._keyed(
+                "sia-keys-redis", fast_url, REDIS_QUEUE=self.redis_queue, **redis
+            )
+        else:
+            self.keyed_redis = None
         self.sia_burst = self.fleet.sia("sia-burst", slow_url, self.extra)
         huge = str(10_000_000)  # submissions must not be refused as a full queue
         self.sia_sqlite = self.fleet.sia("sia-sqlite", slow_url, self.extra, TASK_QUEUE_LIMIT=huge)
@@ -67,7 +77,10 @@ class Harness:
                 REDIS_QUEUE=self.redis_queue,
             )
         self.client = Client(base_env(), self.scratch)
-        for proc in (*self.sias, self.sia_burst, self.sia_sqlite):
+        keyed = [proc for proc, _ in self.keyed]
+        if self.keyed_redis is not None:
+            keyed.append(self.keyed_redis[0])
+        for proc in (*self.sias, *keyed, self.sia_burst, self.sia_sqlite):
             proc.wait_ready("server_ready")
         if self.sia_redis is not None:
             try:
@@ -87,6 +100,17 @@ class Harness:
         pid_names = {str(p.pid): p.name for p in self.fleet.procs}
         pid_names[str(self.client.popen.pid)] = "client"
         self.raw["pids"] = pid_names
+
+    def _keyed(self, name: str, upstream: str, **settings: str) -> tuple[Proc, str]:
+        """A SIA server whose one API key has every per-minute and concurrency limit set,
+        far above the load (so each is counted, none refuses); the server and the key."""
+        env = self.fleet.sia_env(name, upstream, self.extra, **settings)
+        key = self.fleet.create_key(env, rpm=10**9, ipm=10**9, concurrency=10**6)
+        return self.fleet.sia(name, upstream, self.extra, **settings), key
+
+    def keyed_for(self, sia: Proc) -> tuple[Proc, str]:
+        """The keyed server measured beside open server `sia` (same repetition)."""
+        return self.keyed[self.sias.index(sia)]
 
     def _start_echoes(self) -> list[Proc]:
         """Capture SIA's two answers, then start the echoes that return exactly those bytes."""

@@ -164,6 +164,13 @@ class Fleet:
         **settings: str,
     ) -> Proc:
         """`sia serve` run by `python`, on its defaults but for ports, data dir and upstream."""
+        env = self.sia_env(name, upstream, extra, **settings)
+        return self.start(name, [python, "-m", "sia", "serve"], env)
+
+    def sia_env(
+        self, name: str, upstream: str, extra: dict[str, str], **settings: str
+    ) -> dict[str, str]:
+        """The environment `sia` commands of server `name` run in."""
         env = base_env()
         env.update(
             GRPC_HOST="127.0.0.1",
@@ -178,7 +185,17 @@ class Fleet:
             **settings,
         )
         env.update(extra)
-        return self.start(name, [python, "-m", "sia", "serve"], env)
+        return env
+
+    def create_key(self, env: dict[str, str], **limits: int) -> str:
+        """`sia keys create` in a server's environment, as an operator would; the key."""
+        argv = [sys.executable, "-m", "sia", "keys", "create", "--name", "bench"]
+        for option, value in limits.items():
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+        done = subprocess.run(  # noqa: S603 - the harness's own command
+            argv, env=env, cwd=self.scratch, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
 
     def echo(self, name: str, small: Path, large: Path, *, uvloop: bool = False) -> Proc:
         """The bare echo server (bench/echo_server.py), answering with these captured bytes."""

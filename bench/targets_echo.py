@@ -32,8 +32,17 @@ def throughput(h: Harness) -> tuple[list[Row], float]:
             echo_proc, ECHO_SMALL, response="GenerateImageResponse", concurrency=cfg.concurrency
         )
         sia = h.load(sia_proc, GENERATE, request=image_request(), concurrency=cfg.concurrency)
+        keyed_proc, key = h.keyed_for(sia_proc)
+        keyed = h.load(keyed_proc, GENERATE, request=image_request(), concurrency=cfg.concurrency,
+                       metadata=[("authorization", f"Bearer {key}")])  # fmt: skip
         floor = h.load(h.forwarder, GENERATE, request=image_request(), concurrency=cfg.concurrency)
-        return {"echo": echo, "sia": sia, "forwarder": floor}
+        rep = {"echo": echo, "sia": sia, "keyed": keyed, "forwarder": floor}
+        if h.keyed_redis is not None and sia_proc is h.sias[0]:
+            proc, key = h.keyed_redis
+            rep["keyed_redis"] = h.load(proc, GENERATE, request=image_request(),
+                                        concurrency=cfg.concurrency,
+                                        metadata=[("authorization", f"Bearer {key}")])  # fmt: skip
+        return rep
 
     reps = h.repeat("throughput", measure)
     h.raw["throughput"] = reps
@@ -79,7 +88,62 @@ def throughput(h: Harness) -> tuple[list[Row], float]:
             verdict(cpu_ratio <= 3),
         ),
     ]
-    return rows, sia_calls_per_s
+    return rows + _keyed_rows(reps), sia_calls_per_s
+
+
+def _keyed_rows(reps: list[dict[str, Any]]) -> list[Row]:
+    """Rows 1k and 2k: target 1 with an API key and its limits, against the open server of
+    the same repetition; 1r, one figure with the limits counted in Redis."""
+    open_calls = median([r["sia"]["calls_per_s"] for r in reps])
+    keyed_calls = median([r["keyed"]["calls_per_s"] for r in reps])
+    ratio = median([r["keyed"]["calls_per_s"] / r["sia"]["calls_per_s"] for r in reps])
+    cpu = median(
+        [r["keyed"]["server_cpu_per_call_ms"] / r["sia"]["server_cpu_per_call_ms"] for r in reps]
+    )
+    errors = sum(sum(r["keyed"]["errors"].values()) for r in reps)
+    rows = [
+        Row(
+            "1k",
+            "throughput with an API key, its limits counted in memory",
+            f"open {open_calls:,.0f} calls/s",
+            f"{keyed_calls:,.0f} calls/s" + (f", {errors} errors" if errors else ""),
+            ratio,
+            f"{ratio:.2f}",
+            ">= 0.90",
+            verdict(ratio >= 0.90 and errors == 0),
+        ),
+        Row(
+            "2k",
+            "server CPU per call with an API key",
+            f"open {median([r['sia']['server_cpu_per_call_ms'] for r in reps]):.3f} ms",
+            f"{median([r['keyed']['server_cpu_per_call_ms'] for r in reps]):.3f} ms",
+            cpu,
+            f"{cpu:.2f}x",
+            "<= 1.10x",
+            verdict(cpu <= 1.10),
+        ),
+    ]
+    redis = [r for r in reps if "keyed_redis" in r]
+    if not redis:
+        rows.append(Row("1r", "throughput with an API key, limits in Redis", "", "Redis off",
+                        None, "", "reported", "skipped"))  # fmt: skip
+    else:
+        rep = redis[0]
+        share = rep["keyed_redis"]["calls_per_s"] / rep["sia"]["calls_per_s"]
+        rows.append(
+            Row(
+                "1r",
+                "throughput with an API key, its limits counted in Redis (one repetition)",
+                f"open {rep['sia']['calls_per_s']:,.0f} calls/s",
+                f"{rep['keyed_redis']['calls_per_s']:,.0f} calls/s, "
+                f"{rep['keyed_redis']['server_cpu_per_call_ms']:.3f} ms CPU/call",
+                share,
+                f"{share:.2f}",
+                "reported",
+                "info",
+            )
+        )
+    return rows
 
 
 def latency(h: Harness) -> list[Row]:

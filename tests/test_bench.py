@@ -20,7 +20,24 @@ from bench.report import Row, noise, table
 from sia.config import without_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-ROW_IDS = {"1", "1f", "2", "3", "4a", "4b", "5a", "5b", "5c", "6a", "6b", "6c", "6d"}
+ROW_IDS = {
+    "1",
+    "1f",
+    "1k",
+    "1r",
+    "2",
+    "2k",
+    "3",
+    "4a",
+    "4b",
+    "5a",
+    "5b",
+    "5c",
+    "6a",
+    "6b",
+    "6c",
+    "6d",
+}
 RESULTS = {"pass", "FAIL", "pending", "skipped", "info"}
 
 

@@ -50,7 +50,7 @@ def test_buf_lint() -> None:
 
 
 def test_every_rpc_of_the_contract() -> None:
-    """The service has exactly the six RPCs clients rely on, with their message types."""
+    """The service has exactly the RPCs clients rely on, with their message types."""
     from sia.api.image.v1 import image_service_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["ImageService"]
@@ -63,6 +63,8 @@ def test_every_rpc_of_the_contract() -> None:
         "GenerateSequentialImages": ("GenerateSequentialImagesRequest", "GenerateImageResponse"),
         "HealthCheck": ("HealthCheckRequest", "HealthCheckResponse"),
         "CancelImageTask": ("CancelImageTaskRequest", "CancelImageTaskResponse"),
+        "ListImageTasks": ("ListImageTasksRequest", "ListImageTasksResponse"),
+        "GetUsage": ("GetUsageRequest", "GetUsageResponse"),
     }
     watermark = pb.GenerateImageRequest.DESCRIPTOR.fields_by_name["watermark"]
     assert watermark.has_presence, "watermark must tell unset from false"

@@ -1,7 +1,8 @@
 """The application: opens every resource, runs until a signal, shuts down in order.
 
-Start-up order: blob store, provider, task backend (its workers start), gRPC
-server, HTTP server, retention sweeper, readiness monitor; then readiness
+Start-up order: blob store, provider, task backend, access control (keys and
+usage loaded), the task workers, gRPC server, HTTP server, retention sweeper,
+access sync (usage written, keys reloaded), readiness monitor; then readiness
 turns serving. The monitor checks the task store and the blob store every
 READINESS_INTERVAL seconds, so either one failing takes the instance out of
 `/ready` and gRPC health alike, and its recovery brings it back.
@@ -25,6 +26,7 @@ import signal
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Self
 
+from sia.access.factory import build_access
 from sia.errors import ConfigError
 from sia.health import Readiness
 from sia.http.server import HttpServer
@@ -35,7 +37,7 @@ from sia.providers.offline import OfflineProvider
 from sia.providers.openai import OpenAIProvider
 from sia.rpc.server import GrpcServer
 from sia.service import ImageService
-from sia.storage.local import LocalBlobStore
+from sia.storage.local import ImageLinks, LocalBlobStore
 from sia.tasks.sqlite import SqliteTaskBackend
 
 if TYPE_CHECKING:
@@ -125,7 +127,9 @@ def build_store(settings: Settings, http_url: Callable[[], str]) -> BlobStore:
             url_expiry=settings.task_retention,
             public_base_url=settings.s3_public_url or None,
         )
-    return LocalBlobStore(settings.data_dir / "images", http_url)
+    return LocalBlobStore(
+        settings.data_dir / "images", http_url, links=ImageLinks.from_settings(settings)
+    )
 
 
 class App:
@@ -152,7 +156,8 @@ class App:
         self._shutdown_done = False
         self._background: set[asyncio.Task[None]] = set()
         # Where image links start: PUBLIC_URL, else the HTTP port (the bound one once it runs).
-        self._link_base = settings.public_url or f"http://localhost:{settings.http_port}"
+        scheme = "http" if settings.http_tls_cert_file is None else "https"
+        self._link_base = settings.public_url or f"{scheme}://localhost:{settings.http_port}"
 
     async def __aenter__(self) -> Self:
         try:
@@ -178,6 +183,9 @@ class App:
         stack.push_async_callback(self.provider.aclose)
         self.tasks = build_tasks(settings, self.metrics)
         stack.push_async_callback(self.tasks.aclose)
+        self.access = build_access(settings, self.metrics)
+        stack.push_async_callback(self.access.aclose)
+        await self.access.start()
         self.service = ImageService(
             settings,
             provider=self.provider,
@@ -185,11 +193,14 @@ class App:
             store=self.store,
             metrics=self.metrics,
             readiness=self.readiness,
+            access=self.access,
         )
         self._check_default_size()
         await self.tasks.start(self.service.run_task)
 
-        self.grpc = GrpcServer(settings, self.service, self.metrics, self.readiness)
+        self.grpc = GrpcServer(
+            settings, self.service, self.metrics, self.readiness, access=self.access
+        )
         await self.grpc.start()
         stack.push_async_callback(self.grpc.stop, 0)
         self.readiness.on_change(lambda serving: self._spawn(self.grpc.set_serving(serving)))
@@ -199,16 +210,24 @@ class App:
             "images", self.store.ready, "image store cannot write or is out of space"
         )
         self.metrics.before_scrape(self.service.publish_task_stats)
+        links = self.store.links if isinstance(self.store, LocalBlobStore) else None
         self.http = HttpServer(
-            settings, readiness=self.readiness, metrics=self.metrics, images=self.store.image_dir
+            settings,
+            readiness=self.readiness,
+            metrics=self.metrics,
+            images=self.store.image_dir,
+            links=links,
         )
         await self.http.start()
         stack.push_async_callback(self.http.stop)
         if not settings.public_url:
-            self._link_base = f"http://localhost:{self.http.port}"
+            self._link_base = f"{self.http.scheme}://localhost:{self.http.port}"
 
         sweeper = asyncio.create_task(self._sweep_forever(), name="sia-retention-sweeper")
         stack.push_async_callback(_cancel, sweeper)
+        syncer = asyncio.create_task(self.access.sync_forever(), name="sia-access-sync")
+        stack.push_async_callback(_cancel, syncer)
+        self.metrics.before_scrape(self.access.publish_budgets)
         await self.readiness.check()  # a store already broken keeps the instance out from the start
         monitor = self.readiness.monitor(self._readiness_interval)
         stack.push_async_callback(_cancel, asyncio.create_task(monitor, name="sia-readiness"))

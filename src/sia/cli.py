@@ -1,4 +1,5 @@
-"""The `sia` command: `sia serve` runs the service, `sia fake-ark` a fake upstream.
+"""The `sia` command: `sia serve` runs the service, `sia keys` and `sia usage` manage
+access (`sia.access.cli`), `sia fake-ark` runs a fake upstream.
 
 How the serving process tunes its loop, GC and heap is `sia.runtime`'s business.
 """
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC and HTTP servers (settings from env)")
     serve.set_defaults(func=_serve)
+    from sia.access.cli import add_commands  # noqa: PLC0415 - keeps `sia serve` lean
+
+    add_commands(commands, load_settings)
     # Listed for --help; main() hands its arguments to the fake's own parser.
     commands.add_parser(
         "fake-ark", help="run a fake Volcengine Ark API on loopback (`sia fake-ark --help`)"

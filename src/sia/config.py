@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from sia.errors import ConfigError
 
@@ -32,6 +37,7 @@ PROVIDER_DEFAULTS: dict[str, dict[str, str]] = {
         "image_base_url": "https://api.openai.com",
         "image_model": "gpt-image-1",
         "image_default_size": "1024x1024",
+        "price_currency": "USD",
     },
 }
 
@@ -101,7 +107,9 @@ class Settings(BaseSettings):
     auth_mode: Literal["auto", "keys", "none"] = "auto"
     keys_refresh_interval: Annotated[float, Field(gt=0, le=10)] = 5.0
     metrics_token: SecretStr | None = None
-    model_prices: dict[str, Annotated[float, Field(ge=0)]] = {}
+    # NoDecode: the validator below parses the JSON, so an empty value in .env is {} too.
+    model_prices: Annotated[dict[str, Annotated[float, Field(ge=0)]], NoDecode] = {}
+    price_currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "CNY"
     upstream_images_per_minute: Annotated[int, Field(ge=0)] = 0  # 0: no account-wide limit
     limits_storage: Literal["auto", "memory", "redis"] = "auto"
     image_url_ttl: Annotated[float, Field(ge=0)] = 0.0  # 0: TASK_RETENTION

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 #: The id of the RPC being served: `request_id` on every line logged while it runs.
 REQUEST_ID: ContextVar[str | None] = ContextVar("sia_request_id", default=None)
+#: The name of the API key that made the call being served: `key_name` on its lines.
+KEY_NAME: ContextVar[str | None] = ContextVar("sia_key_name", default=None)
 
 _SECRET_WORDS = ("api_key", "apikey", "authorization", "password", "secret", "token")
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -50,6 +52,9 @@ def _request_id(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     request_id = REQUEST_ID.get()
     if request_id is not None:
         event_dict.setdefault("request_id", request_id)
+        key_name = KEY_NAME.get()
+        if key_name is not None:
+            event_dict.setdefault("key_name", key_name)
     return event_dict
 
 
@@ -219,6 +224,9 @@ class AccessLog:
         request_id = REQUEST_ID.get()
         if request_id is not None:
             fields["request_id"] = request_id
+            key_name = KEY_NAME.get()
+            if key_name is not None:
+                fields["key_name"] = key_name
         fields["level"] = level
         _timestamp(None, level, fields)
         fields["logger"] = self.name

@@ -231,12 +231,65 @@ class Metrics:
             ("provider",),
             registry=r,
         )
+        key_model = ("key", "model")
+        self.key_requests = Counter(
+            "sia_key_requests_total",
+            "Generations that reached the provider, by API key name and model.",
+            key_model,
+            registry=r,
+        )
+        self.key_images = Counter(
+            "sia_key_images_total",
+            "Images generated, by API key name and model.",
+            key_model,
+            registry=r,
+        )
+        self.key_output_tokens = Counter(
+            "sia_key_output_tokens_total",
+            "Output tokens billed, by API key name and model.",
+            key_model,
+            registry=r,
+        )
+        self.key_spend = Counter(
+            "sia_key_spend_total",
+            "Estimated spend in PRICE_CURRENCY, by API key name and model.",
+            key_model,
+            registry=r,
+        )
+        self.budget_used = Gauge(
+            "sia_key_budget_used_ratio",
+            "Share of a key's budget spent in the period (day or month, UTC).",
+            ("key", "period"),
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            "sia_quota_rejections_total",
+            'Calls refused by a limit, by API key name ("" for the account) and limit.',
+            ("key", "limit"),
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "sia_auth_failures_total",
+            "Calls refused UNAUTHENTICATED, by reason (missing or invalid key).",
+            ("reason",),
+            registry=r,
+        )
         self.info = Gauge(
             "sia_build_info",
             "Always 1; labels say which version and provider run.",
             ("version", "provider"),
             registry=r,
         )
+
+    def count_usage(self, key: str, model: str, images: int, tokens: int, micros: int) -> None:
+        """Add one generation to the per-key usage counters."""
+        self.key_requests.labels(key, model).inc()
+        if images:
+            self.key_images.labels(key, model).inc(images)
+        if tokens:
+            self.key_output_tokens.labels(key, model).inc(tokens)
+        if micros:
+            self.key_spend.labels(key, model).inc(micros / 1_000_000)
 
     def set_task_stats(self, backend: str, stats: TaskStats) -> None:
         """Publish a task backend's counts by status and its queue's depth and age."""

@@ -1,8 +1,10 @@
-"""The use cases: generate, submit, get and cancel tasks, and housekeeping.
+"""The use cases: generate, submit, get, cancel and list tasks, usage, and housekeeping.
 
 `ImageService` is the domain core the edges call. It knows the provider, the
 task backend and the blob store only through their protocols, and nothing of
-gRPC or HTTP.
+gRPC or HTTP. The edges authenticate the caller (`AccessControl.authenticate`)
+and pass its key here, where its limits are applied and its usage counted;
+a caller of None is anonymous (access control off).
 """
 
 from __future__ import annotations
@@ -27,16 +29,21 @@ from sia.errors import (
     ImageStoreUnavailable,
     NotFound,
     ReferencesBusy,
+    RequestIdReused,
     SiaError,
+    TaskNotFound,
 )
 from sia.logs import get_logger
 from sia.validation import Defaults, check_images, check_reference_total
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from datetime import date
 
+    from sia.access.base import ApiKey, UsageEntry
+    from sia.access.gate import AccessControl
     from sia.config import Settings
-    from sia.domain import Task
+    from sia.domain import Task, TaskStatus
     from sia.health import Readiness
     from sia.metrics import Metrics
     from sia.providers.base import ImageProvider
@@ -97,8 +104,12 @@ class ImageService:
         store: BlobStore,
         metrics: Metrics,
         readiness: Readiness,
+        access: AccessControl | None = None,
     ) -> None:
         self.settings = settings
+        self.access = access
+        # Calls of anonymous callers skip the gate unless the account has a limit.
+        self._gate_anonymous = access is not None and bool(access.account_ipm)
         self.provider = provider
         self.tasks = tasks
         self.store = store
@@ -112,7 +123,11 @@ class ImageService:
         )
 
     async def generate(
-        self, request: GenerationRequest, *, caller_timeout: float | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        caller: ApiKey | None = None,
+        caller_timeout: float | None = None,
     ) -> GenerationResult:
         """Generate now, within IMAGE_TIMEOUT and the caller's time if sooner.
 
@@ -128,21 +143,34 @@ class ImageService:
 
         Data-URI references are decoded and checked first, off the event loop,
         and hold their share of REFERENCE_BYTES_IN_FLIGHT until the call ends.
+        The caller's key must allow the model and have room in its limits; it
+        holds one of its concurrency slots while the generation runs.
         """
+        access = self.access
+        if access is None or (caller is None and not self._gate_anonymous):
+            return await self._generate_checked(request, caller_timeout, "")
+        await access.admit(caller, request)
+        async with access.generating(caller, request, wait=False):
+            owner = caller.name if caller is not None else ""
+            return await self._generate_checked(request, caller_timeout, owner)
+
+    async def _generate_checked(
+        self, request: GenerationRequest, caller_timeout: float | None, owner: str
+    ) -> GenerationResult:
         if request.images and (size := check_reference_total(request.images)):
             with self.references.claim(size):
                 await check_images(request.images)
-                return await self._generate(request, caller_timeout)
-        return await self._generate(request, caller_timeout)
+                return await self._generate(request, caller_timeout, owner)
+        return await self._generate(request, caller_timeout, owner)
 
     async def _generate(
-        self, request: GenerationRequest, caller_timeout: float | None
+        self, request: GenerationRequest, caller_timeout: float | None, owner: str
     ) -> GenerationResult:
         store = request.response_format is ResponseFormat.URL
         if store and self.settings.store_results:
-            result = await self._call_provider(_as_bytes(request), caller_timeout)
+            result = await self._call_provider(_as_bytes(request), caller_timeout, owner)
         else:
-            result = await self._call_provider(request, caller_timeout)
+            result = await self._call_provider(request, caller_timeout, owner)
         return await self._store_bytes(result) if store else result
 
     async def run_task(self, task: Task) -> GenerationResult:
@@ -151,29 +179,95 @@ class ImageService:
         Task results must outlive the provider's URLs (Ark's expire after 24 h),
         so tasks always ask the provider for the image bytes. The generation is
         billed: a failing blob store is retried, never the generation.
+        Its key's concurrency slot and the account's images per minute are
+        waited for, not refused: the task stays in line until they are free.
         """
-        result = await self._call_provider(_as_bytes(task.request), None)
+        request, access = _as_bytes(task.request), self.access
+        if access is None:
+            result = await self._call_provider(request, None, task.owner)
+        else:
+            owner = access.keys.by_name(task.owner) if task.owner else None
+            async with access.generating(owner, request, wait=True):
+                result = await self._call_provider(request, None, task.owner)
         return await self._store_bytes(result, retry_delays=STORE_RETRY_DELAYS)
 
-    async def submit(self, request: GenerationRequest) -> Task:
-        """Store `request` as a task (or return the task of its request_id)."""
+    async def submit(self, request: GenerationRequest, *, caller: ApiKey | None = None) -> Task:
+        """Store `request` as a task of the caller (or return the caller's task of its
+        request_id, which must be for the same request)."""
+        if self.access is not None:
+            await self.access.admit(caller, request)
+        owner = caller.name if caller is not None else ""
         if request.images and (size := check_reference_total(request.images)):
             with self.references.claim(size):
                 await check_images(request.images)
-                return await self.tasks.submit(request)
-        return await self.tasks.submit(request)
+                task = await self.tasks.submit(request, owner=owner)
+        else:
+            task = await self.tasks.submit(request, owner=owner)
+        if task.request != request:
+            raise RequestIdReused(request.request_id, task.id)
+        return task
 
-    async def get_task(self, task_id: str) -> Task:
-        """The task, with its result's images as URLs or bytes, as it asked."""
-        task = await self.tasks.get(task_id)
+    async def get_task(self, task_id: str, *, caller: ApiKey | None = None) -> Task:
+        """The caller's task, with its result's images as URLs or bytes, as it asked.
+
+        Another key's task is TaskNotFound, exactly as a missing one.
+        """
+        task = await self._own_task(task_id, caller)
         if task.result is None:
             return task
         result = await self._materialize(task.result, task.request.response_format)
         return dataclasses.replace(task, result=result)
 
-    async def cancel_task(self, task_id: str) -> Task:
-        """Cancel a queued or running task."""
+    async def cancel_task(self, task_id: str, *, caller: ApiKey | None = None) -> Task:
+        """Cancel a queued or running task of the caller."""
+        await self._own_task(task_id, caller)
         return await self.tasks.cancel(task_id)
+
+    async def list_tasks(
+        self,
+        *,
+        caller: ApiKey | None = None,
+        status: TaskStatus | None = None,
+        limit: int = 20,
+        after: str = "",
+    ) -> tuple[list[Task], str]:
+        """A page of the caller's tasks, newest first, and the cursor of the next page.
+
+        Stored images are listed as links, whatever format the task asked for:
+        GetImageTask returns the bytes.
+        """
+        owner = caller.name if caller is not None else ""
+        tasks, cursor = await self.tasks.list(owner, status=status, limit=limit, after=after)
+        listed = []
+        for task in tasks:
+            if task.result is not None:
+                result = await self._materialize(task.result, ResponseFormat.URL)
+                task = dataclasses.replace(task, result=result)  # noqa: PLW2901 - the listed copy
+            listed.append(task)
+        return listed, cursor
+
+    async def usage(
+        self, first: date, last: date, *, caller: ApiKey | None = None
+    ) -> list[UsageEntry]:
+        """The caller's usage per model over the days [first, last] (UTC), by model id.
+
+        Usage is counted per key: an anonymous caller has none.
+        """
+        if self.access is None or caller is None:
+            return []
+        await self.access.ledger.flush()  # what this replica counted, included
+        rows = await self.access.store.usage(caller.name, first, last)
+        by_model: dict[str, UsageEntry] = {}
+        for row in rows:
+            seen = by_model.get(row.model)
+            by_model[row.model] = row if seen is None else _add(seen, row)
+        return [by_model[model] for model in sorted(by_model)]
+
+    async def _own_task(self, task_id: str, caller: ApiKey | None) -> Task:
+        task = await self.tasks.get(task_id)
+        if task.owner != (caller.name if caller is not None else ""):
+            raise TaskNotFound(task_id)
+        return task
 
     async def ready(self) -> bool:
         """True when this instance should receive traffic (the task store's check included:
@@ -193,7 +287,7 @@ class ImageService:
             log.info("retention_sweep", tasks_deleted=tasks, images_deleted=blobs)
 
     async def _call_provider(
-        self, request: GenerationRequest, caller_timeout: float | None
+        self, request: GenerationRequest, caller_timeout: float | None, owner: str
     ) -> GenerationResult:
         budget = self.settings.image_timeout
         timer: contextlib.AbstractAsyncContextManager[object]
@@ -227,6 +321,8 @@ class ImageService:
             metrics.images_generated.labels(result.model, "success").inc(ok)
         if failed := len(result.images) - ok:
             metrics.images_generated.labels(result.model, "failure").inc(failed)
+        if owner and self.access is not None:
+            self.access.record(owner, result)
         return result
 
     async def _store_bytes(
@@ -288,3 +384,14 @@ class ImageService:
 
         images = await asyncio.gather(*(fill(image) for image in result.images))
         return dataclasses.replace(result, images=tuple(images))
+
+
+def _add(a: UsageEntry, b: UsageEntry) -> UsageEntry:
+    """The sum of two usage entries of one key and model (the first one's day)."""
+    return dataclasses.replace(
+        a,
+        requests=a.requests + b.requests,
+        images=a.images + b.images,
+        output_tokens=a.output_tokens + b.output_tokens,
+        cost_micros=a.cost_micros + b.cost_micros,
+    )

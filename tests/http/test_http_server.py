@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import grpc.aio
@@ -11,6 +16,11 @@ import pytest
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
+from sia.health import Readiness
+from sia.http.server import HttpServer
+from sia.metrics import Metrics
+from sia.storage.local import ImageLinks, LocalBlobStore
+from tests.helpers import MakeSettings
 
 
 @pytest.fixture
@@ -76,8 +86,135 @@ async def test_metrics_after_calls(
     assert 'sia_build_info{provider="offline",version="1.0.0"} 1.0' in text
 
 
-async def test_unknown_image_is_404(http: aiohttp.ClientSession) -> None:
-    """/images answers 404 for malformed and unknown keys, without touching other paths."""
-    for key in ("nope", "..%2F..%2Fetc%2Fpasswd", "A" * 32 + ".jpeg"):
+async def test_unknown_image_is_404(app: App, http: aiohttp.ClientSession) -> None:
+    """/images answers 404 for malformed keys, and for a well-signed link to no file,
+    without touching other paths."""
+    for key in ("nope", "..%2F..%2Fetc%2Fpasswd"):
         async with http.get(f"/images/{key}") as resp:
             assert resp.status == 404
+    unknown = "A" * 32 + ".jpeg"
+    links = app.http.links
+    query = "" if links is None else f"?{links.query(unknown)}"
+    async with http.get(f"/images/{unknown}{query}") as resp:
+        assert resp.status == 404
+
+
+async def test_metrics_token_guards_metrics_only(make_settings: MakeSettings) -> None:
+    """With METRICS_TOKEN, /metrics needs `Authorization: Bearer <token>` (401 with
+    WWW-Authenticate: Bearer otherwise); /health and /ready stay open."""
+    async with (
+        App(make_settings(metrics_token="tok-3f9a")) as app,
+        aiohttp.ClientSession(f"http://127.0.0.1:{app.http_port}") as http,
+    ):
+        for headers in ({}, {"Authorization": "Basic dG9rLTNmOWE="}):
+            async with http.get("/metrics", headers=headers) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+                assert "sia_" not in await resp.text()
+        for wrong in ("Bearer tok-3f9", "Bearer tok-3f9ab", "Bearer ", "Bearer tok-3f9é"):
+            async with http.get("/metrics", headers={"Authorization": wrong}) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        for right in ("Bearer tok-3f9a", "bearer tok-3f9a"):
+            async with http.get("/metrics", headers={"Authorization": right}) as resp:
+                assert resp.status == 200
+                assert "sia_build_info" in await resp.text()
+        for path in ("/health", "/ready"):
+            async with http.get(path) as resp:
+                assert resp.status == 200
+
+
+@dataclass
+class SignedImages:
+    """An HTTP server checking the links of a local store that signs them."""
+
+    store: LocalBlobStore
+    links: ImageLinks
+    http: aiohttp.ClientSession
+    now: list[float]  # the links' clock: tests move it on
+
+    def path(self, url: str) -> str:
+        """The path and query of `url`, for the session."""
+        parts = urlsplit(url)
+        return f"{parts.path}?{parts.query}"
+
+
+@pytest.fixture
+async def signed(make_settings: MakeSettings, tmp_path: Path) -> AsyncIterator[SignedImages]:
+    """A store and an HTTP side server sharing one ImageLinks, whatever App wires."""
+    now = [time.time()]
+    links = ImageLinks(b"k" * 32, ttl=60, clock=lambda: now[0])
+    store = LocalBlobStore(tmp_path / "images", "http://unused.test", links=links)
+    server = HttpServer(
+        make_settings(),
+        readiness=Readiness(),
+        metrics=Metrics(),
+        images=store.image_dir,
+        links=links,
+    )
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{server.port}") as http:
+            yield SignedImages(store, links, http, now)
+    finally:
+        await server.stop()
+
+
+async def test_signed_image_link_serves_the_image(signed: SignedImages) -> None:
+    """A link the store made serves the image until its expiry, and no cache keeps it longer."""
+    key = await signed.store.put(b"\xff\xd8jpeg", "image/jpeg")
+    url = signed.store.url(key)
+    query = parse_qs(urlsplit(url).query)
+    assert set(query) == {"expires", "signature"}
+    assert int(query["expires"][0]) == math.ceil(signed.now[0] + 60)
+    async with signed.http.get(signed.path(url)) as resp:
+        assert resp.status == 200
+        assert await resp.read() == b"\xff\xd8jpeg"
+        assert resp.headers["Content-Type"] == "image/jpeg"
+        assert resp.headers["Cache-Control"] == "private, max-age=60, immutable"
+
+
+async def test_expired_altered_and_unsigned_links_are_403(signed: SignedImages) -> None:
+    """Unsigned, half-signed, altered (expiry, signature or key) and expired links are 403,
+    never the image; a signed link to a missing file stays 404."""
+    key = await signed.store.put(b"\xff\xd8jpeg", "image/jpeg")
+    other = await signed.store.put(b"\xff\xd8other", "image/jpeg")
+    url = signed.store.url(key)
+    query = parse_qs(urlsplit(url).query)
+    expires, signature = query["expires"][0], query["signature"][0]
+    flipped = ("A" if signature[0] != "A" else "B") + signature[1:]
+    bad = [
+        f"/images/{key}",
+        f"/images/{key}?expires={expires}",
+        f"/images/{key}?signature={signature}",
+        f"/images/{key}?expires={int(expires) + 3600}&signature={signature}",
+        f"/images/{key}?expires={expires}&signature={flipped}",
+        f"/images/{key}?expires={expires}&signature={signature}=",
+        f"/images/{key}?expires=+{expires}&signature={signature}",
+        f"/images/{other}?expires={expires}&signature={signature}",
+        f"/images/{key}?expires={expires}&signature=%E2%98%83",
+    ]
+    for path in bad:
+        async with signed.http.get(path) as resp:
+            assert resp.status == 403, path
+            assert b"jpeg" not in await resp.read()
+    signed.now[0] += 61  # past the expiry
+    async with signed.http.get(signed.path(url)) as resp:
+        assert resp.status == 403
+    past = int(time.time()) - 1  # a past expiry signed with the right secret
+    async with signed.http.get(
+        f"/images/{key}?expires={past}&signature={signed.links.signature(key, past)}"
+    ) as resp:
+        assert resp.status == 403
+    await signed.store.delete([key])
+    signed.now[0] -= 61
+    async with signed.http.get(signed.path(signed.store.url(key))) as resp:
+        assert resp.status == 404
+
+
+async def test_app_image_links_download(stub: pb_grpc.ImageServiceStub) -> None:
+    """A link the app hands out downloads its image as given (signed once App wires links)."""
+    response = await stub.GenerateImage(pb.GenerateImageRequest(prompt="a cat"), timeout=30)
+    async with aiohttp.ClientSession() as http, http.get(response.images[0].url) as resp:
+        assert resp.status == 200
+        assert (await resp.read())[:2] == b"\xff\xd8"

@@ -28,6 +28,7 @@ from sia.domain import (
     Usage,
 )
 from sia.errors import (
+    InvalidArgument,
     QueueFull,
     ShuttingDown,
     TaskNotCancellable,
@@ -37,6 +38,7 @@ from sia.errors import (
 )
 from sia.providers.retry import RetryPolicy, call_with_retries
 from sia.tasks.base import TaskBackend
+from sia.tasks.codec import cursor_to_text
 from sia.tasks.redis import RedisTaskBackend
 from sia.tasks.sqlite import SqliteTaskBackend
 from tests.tasks.backend_helpers import (
@@ -431,3 +433,149 @@ async def test_a_first_attempt_keeps_the_providers_retries(backends: Make) -> No
     failed = await wait_status(backend, task.id, TaskStatus.FAILED)
     assert failed.attempts == 1
     assert len(calls) == 3
+
+
+async def test_the_owner_is_stored_and_returned_everywhere(backends: Make) -> None:
+    """submit, get, the task a worker runs and the task it leaves all carry the owner;
+    without one, the owner is ""."""
+    seen: list[str] = []
+    gate = asyncio.Event()
+
+    async def runner(task: Task) -> GenerationResult:
+        seen.append(task.owner)
+        await gate.wait()
+        return make_result(task)
+
+    backend = await started(backends, runner, workers=1)
+    task = await backend.submit(make_request(), owner="alice")
+    anonymous = await backend.submit(make_request())
+    cancelled = await backend.submit(make_request(), owner="bob")
+    assert (task.owner, anonymous.owner, cancelled.owner) == ("alice", "", "bob")
+    running = await wait_status(backend, task.id, TaskStatus.RUNNING)
+    assert running.owner == "alice"
+    assert (await backend.cancel(cancelled.id)).owner == "bob"
+    gate.set()
+    assert (await wait_status(backend, task.id, TaskStatus.SUCCEEDED)).owner == "alice"
+    assert (await wait_status(backend, anonymous.id, TaskStatus.SUCCEEDED)).owner == ""
+    assert (await backend.get(cancelled.id)).owner == "bob"
+    assert seen == ["alice", ""]
+
+
+async def test_a_request_id_belongs_to_its_owner(backends: Make) -> None:
+    """One request_id under two owners makes two tasks; again under one of them, it returns
+    that owner's task; owner and request_id never run into each other."""
+    backend = await started(backends, GatedRunner(), workers=1)
+    alice = await backend.submit(make_request(request_id="r-1"), owner="alice")
+    bob = await backend.submit(make_request(request_id="r-1"), owner="bob")
+    anonymous = await backend.submit(make_request(request_id="r-1"))
+    assert len({alice.id, bob.id, anonymous.id}) == 3
+    again = await backend.submit(make_request(prompt="other", request_id="r-1"), owner="bob")
+    assert (again.id, again.owner) == (bob.id, "bob")
+    assert (await backend.submit(make_request(request_id="r-1"))).id == anonymous.id
+
+    pairs = [("a:b", "c"), ("a", "b:c"), ("", "1:a:b:c"), ("1:a", "b:c"), ("", "a:b:c")]
+    ids = {(await backend.submit(make_request(request_id=r), owner=o)).id for o, r in pairs}
+    assert len(ids) == len(pairs)
+
+
+async def _pages(
+    backend: TaskBackend, owner: str, *, limit: int, status: TaskStatus | None = None
+) -> list[tuple[list[Task], str]]:
+    """Every page of `owner`'s listing, following cursors until the empty one."""
+    pages = [await backend.list(owner, status=status, limit=limit)]
+    while pages[-1][1]:
+        assert len(pages) < 50, "the cursors never end"
+        pages.append(await backend.list(owner, status=status, limit=limit, after=pages[-1][1]))
+    return pages
+
+
+async def _submit_spaced(backend: TaskBackend, owner: str, count: int) -> list[Task]:
+    """`count` tasks of `owner`, one of "bob" after each, each a few ms after the last."""
+    tasks = []
+    for _ in range(count):
+        tasks.append(await backend.submit(make_request(), owner=owner))
+        await backend.submit(make_request(), owner="bob")
+        await asyncio.sleep(0.003)  # distinct creation times, even at Redis's millisecond
+    return tasks
+
+
+async def test_list_pages_through_an_owners_tasks_newest_first(backends: Make) -> None:
+    """Five tasks, two a page: pages of 2, 2 and 1, newest first, the last with cursor ""."""
+    backend = await started(backends, GatedRunner(), workers=1)
+    tasks = await _submit_spaced(backend, "alice", 5)
+    pages = await _pages(backend, "alice", limit=2)
+    assert [len(page) for page, _ in pages] == [2, 2, 1]
+    assert all(cursor for _, cursor in pages[:-1])
+    assert [task.id for page, _ in pages for task in page] == [t.id for t in reversed(tasks)]
+    assert {task.owner for page, _ in pages for task in page} == {"alice"}
+    listed = pages[0][0][0]
+    assert listed == await backend.get(listed.id)
+    everything, cursor = await backend.list("alice", limit=100)
+    assert ([t.id for t in everything], cursor) == ([t.id for t in reversed(tasks)], "")
+
+
+async def test_list_filters_by_status(backends: Make) -> None:
+    """With a status, only the owner's tasks in that status are listed, across pages."""
+    runner = GatedRunner()
+    backend = await started(backends, runner, workers=1)
+    [running, *queued] = await _submit_spaced(backend, "alice", 5)
+    await runner.wait_started()
+    await wait_status(backend, running.id, TaskStatus.RUNNING)
+    await backend.cancel(queued[1].id)
+
+    def listed(pages: list[tuple[list[Task], str]]) -> list[str]:
+        assert all(len(page) <= 1 for page, _ in pages)
+        return [task.id for page, _ in pages for task in page]
+
+    expected = [queued[3].id, queued[2].id, queued[0].id]
+    assert listed(await _pages(backend, "alice", limit=1, status=TaskStatus.QUEUED)) == expected
+    cancelled = await _pages(backend, "alice", limit=1, status=TaskStatus.CANCELLED)
+    assert listed(cancelled) == [queued[1].id]
+    assert listed(await _pages(backend, "alice", limit=1, status=TaskStatus.RUNNING)) == [
+        running.id
+    ]
+    assert await backend.list("alice", status=TaskStatus.SUCCEEDED) == ([], "")
+
+
+async def test_list_never_shows_another_owners_tasks(backends: Make) -> None:
+    """An owner sees only their own tasks; one with none gets an empty last page."""
+    backend = await started(backends, GatedRunner(), workers=1)
+    mine = await _submit_spaced(backend, "alice", 3)
+    tasks, cursor = await backend.list("alice")
+    assert ([t.id for t in tasks], cursor) == ([t.id for t in reversed(mine)], "")
+    bobs, _ = await backend.list("bob")
+    assert len(bobs) == 3
+    assert not {t.id for t in bobs} & {t.id for t in mine}
+    assert await backend.list("carol") == ([], "")
+    assert await backend.list("") == ([], "")
+
+
+async def test_pages_stay_put_while_tasks_are_submitted(backends: Make) -> None:
+    """Tasks submitted between two pages neither shift the next page nor repeat a task."""
+    backend = await started(backends, GatedRunner(), workers=1)
+    tasks = await _submit_spaced(backend, "alice", 4)
+    first, cursor = await backend.list("alice", limit=2)
+    newer = await _submit_spaced(backend, "alice", 3)
+    second, last = await backend.list("alice", limit=2, after=cursor)
+    assert [t.id for t in first + second] == [t.id for t in reversed(tasks)]
+    assert last == ""
+    fresh, _ = await backend.list("alice", limit=3)
+    assert [t.id for t in fresh] == [t.id for t in reversed(newer)]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "not a token",
+        "bm9wZQ",  # base64 of "nope"
+        cursor_to_text("yesterday", "task_x"),  # neither a time nor a score
+        "WyJhIl0",  # base64 of '["a"]'
+        "x" * 600,
+    ],
+)
+async def test_a_bad_cursor_is_an_invalid_page_token(backends: Make, token: str) -> None:
+    """A page token that no listing made raises InvalidArgument naming page_token."""
+    backend = await started(backends, quick)
+    with pytest.raises(InvalidArgument) as caught:
+        await backend.list("alice", after=token)
+    assert [v.field for v in caught.value.violations] == ["page_token"]

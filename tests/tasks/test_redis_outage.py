@@ -35,8 +35,8 @@ def cpu_seconds() -> float:
 
 @pytest.mark.slow
 async def test_an_outage_costs_no_cpu_fails_fast_and_work_resumes(tmp_path: Path) -> None:
-    """Redis down: no spinning worker loops, submits UNAVAILABLE with a retry delay, not ready;
-    Redis back: ready, and a new task runs."""
+    """Redis down: no spinning worker loops, submits UNAVAILABLE with a retry delay, listings
+    UNAVAILABLE too, not ready; Redis back: ready, and a new task runs."""
     async with own_redis(tmp_path / "redis") as redis:
         backend = RedisTaskBackend(redis.url, queue="outage", workers=16, heartbeat=2)
         await backend.start(quick)
@@ -54,6 +54,8 @@ async def test_an_outage_costs_no_cpu_fails_fast_and_work_resumes(tmp_path: Path
             with pytest.raises(Unavailable) as refused:
                 await within(backend.submit(make_request()), "a submit hung during the outage")
             assert refused.value.retry_after
+            with pytest.raises(Unavailable):
+                await within(backend.list("alice"), "a listing hung during the outage")
             assert not await within(backend.ready(), "ready() hung during the outage")
 
             await redis.start()

@@ -1,5 +1,6 @@
 """What only the SQLite backend does: its file survives a dead process, purge, full counts,
-wake-ups that rouse one worker each, and every sqlite3 error answered as Unavailable."""
+wake-ups that rouse one worker each, every sqlite3 error answered as Unavailable, and a
+file of an older schema upgraded in place."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import NoReturn
 import pytest
 
 from sia.domain import TaskStatus, utcnow
-from sia.errors import TaskNotFound, Unavailable
+from sia.errors import ConfigError, TaskNotFound, Unavailable
 from sia.tasks.base import TaskBackend
 from sia.tasks.codec import request_to_json, to_iso
 from sia.tasks.sqlite import SqliteTaskBackend
@@ -209,6 +210,7 @@ async def test_every_sqlite_error_is_unavailable(
         "cancel": lambda: backend.cancel(task.id),
         "stats": backend.stats,
         "purge": lambda: backend.purge(utcnow()),
+        "list": lambda: backend.list(""),
     }
 
     def fail(*args: object) -> NoReturn:
@@ -241,3 +243,85 @@ async def test_a_constraint_the_file_enforces_is_unavailable(
     with pytest.raises(Unavailable) as caught:
         await backend.cancel(task.id)
     assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+
+
+# The schema of version 1 files (before owners), as sia wrote it.
+_SCHEMA_1 = """
+CREATE TABLE tasks (
+    id            TEXT PRIMARY KEY,
+    request_id    TEXT NOT NULL DEFAULT '',
+    status        TEXT NOT NULL,
+    request       TEXT NOT NULL,
+    result        TEXT,
+    error_code    TEXT,
+    error_message TEXT,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    finished_at   TEXT
+);
+CREATE UNIQUE INDEX tasks_request_id ON tasks (request_id) WHERE request_id != '';
+CREATE INDEX tasks_status_created ON tasks (status, created_at);
+CREATE INDEX tasks_finished ON tasks (finished_at);
+PRAGMA user_version = 1;
+"""
+
+
+async def test_a_version_1_file_is_upgraded_and_keeps_its_tasks(
+    backends: Make, tmp_path: Path
+) -> None:
+    """A file from before owners gains the owner column (its tasks owned by ""), request_ids
+    unique per owner, and the listing index; its tasks stay and its queued one runs."""
+    path = tmp_path / "db" / "tasks.sqlite3"
+    path.parent.mkdir()
+    old, new = to_iso(utcnow()), to_iso(utcnow())
+    with sqlite3.connect(path) as db:
+        db.executescript(_SCHEMA_1)
+        db.executemany(
+            "INSERT INTO tasks (id, request_id, status, request, attempts, created_at, "
+            "updated_at, finished_at, error_code, error_message) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                ("task_done", "r-1", "cancelled", request_to_json(make_request(request_id="r-1")),
+                 0, old, old, old, "CANCELLED", "cancelled by the client"),
+                ("task_waiting", "", "queued", request_to_json(make_request()),
+                 0, new, new, None, None, None),
+            ],
+        )  # fmt: skip
+    db.close()
+
+    backend = await started(backends, quick)
+    done = await backend.get("task_done")
+    assert (done.status, done.owner, done.request.request_id) == (TaskStatus.CANCELLED, "", "r-1")
+    ran = await wait_status(backend, "task_waiting", TaskStatus.SUCCEEDED)
+    assert ran.owner == ""
+    assert (await backend.submit(make_request(request_id="r-1"))).id == "task_done"
+    mine = await backend.submit(make_request(request_id="r-1"), owner="alice")
+    assert mine.id != "task_done"
+    tasks, cursor = await backend.list("")
+    assert ([t.id for t in tasks], cursor) == (["task_waiting", "task_done"], "")
+    await backend.aclose()
+
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+        indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    db.close()
+    assert {"tasks_owner_request_id", "tasks_owner_created"} <= indexes
+    assert "tasks_request_id" not in indexes
+    reopened = await started(backends, quick)  # a current file opens as it is
+    assert (await reopened.get("task_done")).owner == ""
+
+
+async def test_a_file_of_a_newer_schema_is_refused(backends: Make, tmp_path: Path) -> None:
+    """A file written by a later sia (a higher user_version) is a ConfigError, left as it is."""
+    path = tmp_path / "db" / "tasks.sqlite3"
+    path.parent.mkdir()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 3")
+    db.close()
+    with pytest.raises(ConfigError, match="has schema 3"):
+        await started(backends, quick)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+    db.close()

@@ -2,12 +2,19 @@
 
 GET /health          200 while the process runs (liveness)
 GET /ready           200 when this instance should get traffic, else 503 with reasons
-GET /metrics         Prometheus text format
-GET /images/{key}    an image the local blob store keeps (only when it has a directory)
+GET /metrics         Prometheus text format; with METRICS_TOKEN only for `Bearer <token>`
+GET /images/{key}    an image the local blob store keeps (only when it has a directory);
+                     with `links`, only by a signed link that has not expired (else 403)
+
+With HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE the port speaks HTTPS only, and
+renewed files are loaded every TLS_RELOAD_INTERVAL seconds (`sia.tls`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hmac
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -15,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from sia.logs import get_logger
 from sia.storage.base import content_type_of, is_key
+from sia.tls import HttpTls
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,6 +30,7 @@ if TYPE_CHECKING:
     from sia.config import Settings
     from sia.health import Readiness
     from sia.metrics import Metrics
+    from sia.storage.local import ImageLinks
 
 log = get_logger("sia.http")
 
@@ -30,7 +39,9 @@ class HttpServer:
     """aiohttp application and runner on HTTP_HOST:HTTP_PORT.
 
     `images` is the blob store's directory (`BlobStore.image_dir`), or None
-    when stored images are linked elsewhere.
+    when stored images are linked elsewhere; `links` checks the signed links
+    the store hands out (the store's own `ImageLinks`). Without `links` any
+    well-formed key is served, as before links were signed.
     """
 
     def __init__(
@@ -40,11 +51,17 @@ class HttpServer:
         readiness: Readiness,
         metrics: Metrics,
         images: Path | None,
+        links: ImageLinks | None = None,
     ) -> None:
         self.settings = settings
         self.readiness = readiness
         self.metrics = metrics
         self.images = images
+        self.links = links
+        token = settings.metrics_token
+        self._metrics_token = None if token is None else token.get_secret_value().encode()
+        self.tls: HttpTls | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
         app = web.Application()
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
@@ -54,18 +71,42 @@ class HttpServer:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.port = 0
 
+    @property
+    def scheme(self) -> str:
+        """`https` with HTTP_TLS_CERT_FILE, else `http`."""
+        return "http" if self.settings.http_tls_cert_file is None else "https"
+
     async def start(self) -> None:
-        """Bind and start serving."""
+        """Load the certificate (ConfigError when bad), bind and start serving."""
+        self.tls = HttpTls.from_settings(self.settings)
         await self.runner.setup()
         site = web.TCPSite(
-            self.runner, self.settings.http_host, self.settings.http_port, reuse_port=False
+            self.runner,
+            self.settings.http_host,
+            self.settings.http_port,
+            reuse_port=False,
+            ssl_context=None if self.tls is None else self.tls.context,
         )
         await site.start()
         self.port = self.runner.addresses[0][1]
-        log.info("http_server_started", host=self.settings.http_host, port=self.port)
+        if self.tls is not None:
+            self._tls_watch = asyncio.create_task(self.tls.watch(), name="sia-http-tls-reload")
+        log.info(
+            "http_server_started",
+            host=self.settings.http_host,
+            port=self.port,
+            tls="plaintext" if self.tls is None else "tls",
+            metrics_auth=self._metrics_token is not None,
+            signed_image_links=self.links is not None,
+        )
 
     async def stop(self) -> None:
         """Stop serving; idempotent."""
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tls_watch
+            self._tls_watch = None
         await self.runner.cleanup()
 
     async def health(self, _: web.Request) -> web.Response:
@@ -79,21 +120,39 @@ class HttpServer:
             return web.json_response({"status": "ready"})
         return web.json_response({"status": "not ready", "reasons": reasons}, status=503)
 
-    async def scrape(self, _: web.Request) -> web.Response:
-        """Prometheus scrape."""
+    async def scrape(self, request: web.Request) -> web.Response:
+        """Prometheus scrape; with METRICS_TOKEN, 401 unless the request bears it."""
+        if self._metrics_token is not None:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+            if not hmac.compare_digest(token.strip().encode(errors="replace"), self._metrics_token):
+                raise web.HTTPUnauthorized(
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+                )
         body = await self.metrics.scrape()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def image(self, request: web.Request) -> web.StreamResponse:
-        """A stored image by key; 404 when unknown or expired."""
+        """A stored image by key: 403 for a link unsigned, altered or expired (before the
+        file is looked at), 404 for a key that is malformed or has no file."""
         assert self.images is not None  # the route exists only with a directory
         key = request.match_info["key"]
-        if not is_key(key) or not (path := self.images / key).is_file():
+        if not is_key(key):
+            raise web.HTTPNotFound
+        max_age = 86400
+        if self.links is not None:
+            query = request.query
+            left = self.links.seconds_left(key, query.get("expires"), query.get("signature"))
+            if left is None:
+                raise web.HTTPForbidden
+            max_age = min(max_age, left)  # no cache keeps it past the link's expiry
+        if not (path := self.images / key).is_file():
             raise web.HTTPNotFound
         return web.FileResponse(
             path,
             headers={
                 "Content-Type": content_type_of(key),
-                "Cache-Control": "private, max-age=86400, immutable",
+                "Cache-Control": f"private, max-age={max_age}, immutable",
             },
         )

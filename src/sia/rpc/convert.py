@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,8 +13,17 @@ from sia.errors import InvalidArgument
 from sia.validation import validate_request
 
 if TYPE_CHECKING:
+    from sia.access.base import UsageEntry
     from sia.domain import GenerationResult, ImageError, Task
     from sia.validation import Defaults
+
+#: ListImageTasks page sizes: the default and the most.
+PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+#: Longest page token accepted (ours are far shorter).
+MAX_PAGE_TOKEN_CHARS = 512
+#: Most days one GetUsage call may sum.
+MAX_USAGE_DAYS = 366
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FORMATS = {
@@ -137,6 +146,85 @@ def _fill_response(msg: pb.GenerateImageResponse, result: GenerationResult) -> N
     msg.usage.generated_images = result.usage.generated_images
     msg.usage.output_tokens = result.usage.output_tokens
     set_timestamp(msg.created_at, result.created_at)
+
+
+_STATUS_OF = {value: status for status, value in _STATUSES.items()}
+
+
+def list_query(msg: pb.ListImageTasksRequest) -> tuple[TaskStatus | None, int, str]:
+    """The status filter, page size and page token of a ListImageTasksRequest."""
+    status = None
+    if msg.status != pb.TASK_STATUS_UNSPECIFIED:
+        status = _STATUS_OF.get(msg.status)
+        if status is None:
+            raise InvalidArgument.field("status", f"unknown value {msg.status}")
+    size = msg.page_size or PAGE_SIZE
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise InvalidArgument.field("page_size", f"must be in [1, {MAX_PAGE_SIZE}]; got {size}")
+    if len(msg.page_token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidArgument.field("page_token", "is not a token this server gave")
+    return status, size, msg.page_token
+
+
+def list_response(tasks: list[Task], cursor: str) -> pb.ListImageTasksResponse:
+    """The ListImageTasksResponse for one page."""
+    return pb.ListImageTasksResponse(
+        tasks=[task_response(task) for task in tasks], next_page_token=cursor
+    )
+
+
+def usage_period(msg: pb.GetUsageRequest, today: date) -> tuple[date, date]:
+    """The first and last day a GetUsageRequest asks for."""
+    if msg.start_date:
+        first = _date("start_date", msg.start_date)
+        last = _date("end_date", msg.end_date) if msg.end_date else today
+        if last < first:
+            raise InvalidArgument.field("end_date", "is before start_date")
+        if (last - first).days >= MAX_USAGE_DAYS:
+            raise InvalidArgument.field(
+                "start_date", f"at most {MAX_USAGE_DAYS} days before end_date"
+            )
+        return first, last
+    if msg.end_date:
+        raise InvalidArgument.field("start_date", "required when end_date is set")
+    if msg.period == pb.USAGE_PERIOD_MONTH:
+        return today.replace(day=1), today
+    if msg.period not in (pb.USAGE_PERIOD_UNSPECIFIED, pb.USAGE_PERIOD_TODAY):
+        raise InvalidArgument.field("period", f"unknown value {msg.period}")
+    return today, today
+
+
+def _date(field: str, value: str) -> date:
+    try:
+        if len(value) != len("YYYY-MM-DD"):  # fromisoformat also takes "20261201"
+            raise ValueError
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument.field(field, "must be a date, YYYY-MM-DD") from None
+
+
+def usage_response(
+    key: str, first: date, last: date, rows: list[UsageEntry], currency: str
+) -> pb.GetUsageResponse:
+    """The GetUsageResponse for a key's usage per model."""
+    msg = pb.GetUsageResponse(
+        key=key, start_date=first.isoformat(), end_date=last.isoformat(), currency=currency
+    )
+    total = msg.total
+    for row in rows:
+        cost = row.cost_micros / 1_000_000
+        msg.models.add(
+            model=row.model,
+            requests=row.requests,
+            images=row.images,
+            output_tokens=row.output_tokens,
+            cost=cost,
+        )
+        total.requests += row.requests
+        total.images += row.images
+        total.output_tokens += row.output_tokens
+        total.cost += cost
+    return msg
 
 
 def task_status(value: TaskStatus) -> pb.TaskStatus.ValueType:

@@ -9,6 +9,9 @@ writes one access line and records the per-method metrics.
 The access line's level follows the status, so `"level":"error"` finds the
 calls that failed on the server's side (INTERNAL, UNAVAILABLE, a generation
 past IMAGE_TIMEOUT, a refused provider key) and not the client's mistakes.
+ImageService calls but HealthCheck are authenticated here: the caller's key
+(from `authorization: Bearer <key>` metadata) is put in `CALLER` for the
+servicer, and its name in every log line of the call (`key_name`).
 Request bytes that do not parse as the method's message are answered
 INVALID_ARGUMENT here, logged and counted like any call, rather than left to
 grpc.aio (which answers UNKNOWN before any interceptor code runs).
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -27,12 +31,14 @@ from google.protobuf.message import DecodeError
 
 from sia.domain import new_request_id
 from sia.errors import ProviderMisconfigured, ShuttingDown, SiaError, UndecodableRequest
-from sia.logs import REQUEST_ID, AccessLog, get_logger
+from sia.logs import KEY_NAME, REQUEST_ID, AccessLog, get_logger
 from sia.rpc.errors import make_status, to_status
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from sia.access.base import ApiKey
+    from sia.access.gate import AccessControl
     from sia.health import Readiness
     from sia.metrics import Metrics
 
@@ -42,6 +48,11 @@ access = AccessLog("sia.rpc")
 
 #: Services whose calls are refused once shutdown begins (health and reflection stay up).
 GUARDED_SERVICES = frozenset({"image.v1.ImageService"})
+#: Methods of guarded services that need no API key: probes call them.
+OPEN_METHODS = frozenset({"/image.v1.ImageService/HealthCheck"})
+
+#: The key of the call being served (None: anonymous), for the servicer.
+CALLER: ContextVar[ApiKey | None] = ContextVar("sia_caller", default=None)
 
 #: The access line's level by status code; any code not listed is "info".
 ACCESS_LEVELS: dict[grpc.StatusCode, str] = {
@@ -95,9 +106,12 @@ def _message_type(deserializer: Callable[[bytes], Any] | None) -> str:
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     """Wraps each unary handler once per method; see the module docstring."""
 
-    def __init__(self, metrics: Metrics, readiness: Readiness) -> None:
+    def __init__(
+        self, metrics: Metrics, readiness: Readiness, access: AccessControl | None = None
+    ) -> None:
         self.metrics = metrics
         self.readiness = readiness
+        self.access = access
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
@@ -135,7 +149,15 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped[method] = wrapped
         return wrapped
 
-    def _wrap(
+    def _authenticator(
+        self, method: str, *, guarded: bool
+    ) -> Callable[[str | None], ApiKey | None] | None:
+        """What authenticates a call of `method`; None where calls need no key."""
+        if self.access is None or not guarded or method in OPEN_METHODS:
+            return None
+        return self.access.authenticate
+
+    def _wrap(  # noqa: PLR0915 - one closure, so a call's path looks nothing up
         self,
         method: str,
         behaviour: Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any],
@@ -155,9 +177,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         in_flight = metrics.rpc_in_flight.labels(service, name)
         undecodable = metrics.undecodable_requests.labels(service, name)
         readiness = self.readiness
+        authenticate = self._authenticator(method, guarded=guarded)
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            request_id = _request_id(context)
+            request_id, authorization = _call_metadata(context)
             bound = REQUEST_ID.set(request_id)
             started.inc()
             in_flight.inc()
@@ -169,6 +192,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
                     raise UndecodableRequest(message_type)
                 if guarded and readiness.shutting_down:
                     raise ShuttingDown
+                if authenticate is not None:
+                    _enter(authenticate(authorization))
                 if streaming:
                     return await _stream(behaviour(request, context), context)
                 return await behaviour(request, context)
@@ -208,6 +233,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
 
+def _enter(caller: ApiKey | None) -> None:
+    """Make `caller` the call's caller, for the servicer and the log lines."""
+    if caller is not None:
+        CALLER.set(caller)
+        KEY_NAME.set(caller.name)
+
+
 def _ended_by_client(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """DEADLINE_EXCEEDED when the caller's deadline has passed, else CANCELLED."""
     remaining = context.time_remaining()
@@ -225,11 +257,16 @@ async def _stream(answer: Any, context: grpc.aio.ServicerContext[Any, Any]) -> N
         await answer
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+def _call_metadata(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str | None]:
+    """The call's request id (the client's `x-request-id`, else a new one) and its
+    `authorization` value, in one pass over the metadata."""
+    request_id, authorization = None, None
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
-    return new_request_id()
+            request_id = value
+        elif key == "authorization" and isinstance(value, str):
+            authorization = value
+    return request_id or new_request_id(), authorization
 
 
 def _answer(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:

@@ -1,4 +1,4 @@
-"""The gRPC server: ImageService, standard health, reflection, and channel options."""
+"""The gRPC server: ImageService, standard health, reflection, channel options and TLS."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.logs import get_logger
 from sia.rpc.interceptors import ObservabilityInterceptor
 from sia.rpc.servicer import ImageServicer
+from sia.tls import grpc_files, grpc_server_credentials
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
+    from sia.access.gate import AccessControl
     from sia.config import Settings
     from sia.health import Readiness
     from sia.metrics import Metrics
@@ -127,15 +129,29 @@ class _EndingContext:
 
 
 class GrpcServer:
-    """The grpc.aio server with every service registered; owns its health servicer."""
+    """The grpc.aio server with every service registered; owns its health servicer.
+
+    With GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE the port speaks TLS only (and
+    with GRPC_TLS_CLIENT_CA_FILE asks every client for a certificate that CA
+    signed); renewed files are picked up by new connections (`sia.tls`). A bad
+    certificate is a ConfigError.
+    """
 
     def __init__(
-        self, settings: Settings, service: ImageService, metrics: Metrics, readiness: Readiness
+        self,
+        settings: Settings,
+        service: ImageService,
+        metrics: Metrics,
+        readiness: Readiness,
+        access: AccessControl | None = None,
     ) -> None:
         self.settings = settings
+        credentials = grpc_server_credentials(settings)  # first: a bad file is a ConfigError
+        files = grpc_files(settings)
+        self.tls = "plaintext" if files is None else files.mode
         self.health = HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[ObservabilityInterceptor(metrics, readiness)],
+            interceptors=[ObservabilityInterceptor(metrics, readiness, access)],
             options=server_options(settings),
         )
         registrar = cast("grpc.aio.Server", GenericHandlersOnly(self.server))
@@ -148,7 +164,10 @@ class GrpcServer:
         )
         address = f"{settings.grpc_host}:{settings.grpc_port}"
         try:  # grpcio raises RuntimeError for a port in use; older versions returned 0
-            self.port = self.server.add_insecure_port(address)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -159,7 +178,7 @@ class GrpcServer:
     async def start(self) -> None:
         """Start serving; health starts NOT_SERVING until readiness says otherwise."""
         await self.server.start()
-        log.info("grpc_server_started", host=self.settings.grpc_host, port=self.port)
+        log.info("grpc_server_started", host=self.settings.grpc_host, port=self.port, tls=self.tls)
 
     async def set_serving(self, serving: bool) -> None:
         """Publish readiness on grpc.health.v1.

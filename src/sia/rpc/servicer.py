@@ -12,6 +12,7 @@ from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.domain import utcnow
 from sia.errors import InvalidArgument
 from sia.rpc import convert
+from sia.rpc.interceptors import CALLER
 
 if TYPE_CHECKING:
     import grpc.aio
@@ -46,7 +47,9 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     ) -> pb.GenerateImageResponse:
         """Generate one image and wait for it."""
         domain = convert.generate_request(request, self.service.defaults)
-        result = await self.service.generate(domain, caller_timeout=context.time_remaining())
+        result = await self.service.generate(
+            domain, caller=CALLER.get(), caller_timeout=context.time_remaining()
+        )
         return convert.generate_response(result)
 
     async def GenerateSequentialImages(
@@ -56,14 +59,17 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
     ) -> pb.GenerateImageResponse:
         """Generate a group of images and wait for them."""
         domain = convert.sequential_request(request, self.service.defaults)
-        result = await self.service.generate(domain, caller_timeout=context.time_remaining())
+        result = await self.service.generate(
+            domain, caller=CALLER.get(), caller_timeout=context.time_remaining()
+        )
         return convert.generate_response(result)
 
     async def GenerateImageAsync(
         self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GenerateImageAsyncResponse:
         """Store the request as a task and answer with its id."""
-        task = await self.service.submit(convert.generate_request(request, self.service.defaults))
+        domain = convert.generate_request(request, self.service.defaults)
+        task = await self.service.submit(domain, caller=CALLER.get())
         return pb.GenerateImageAsyncResponse(
             task_id=task.id,
             status=convert.task_status(task.status),
@@ -74,14 +80,36 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         self, request: pb.GetImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetImageTaskResponse:
         """Answer a task's status and result."""
-        return convert.task_response(await self.service.get_task(_task_id(request.task_id)))
+        task = await self.service.get_task(_task_id(request.task_id), caller=CALLER.get())
+        return convert.task_response(task)
 
     async def CancelImageTask(
         self, request: pb.CancelImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CancelImageTaskResponse:
         """Cancel a queued or running task."""
-        task = await self.service.cancel_task(_task_id(request.task_id))
+        task = await self.service.cancel_task(_task_id(request.task_id), caller=CALLER.get())
         return pb.CancelImageTaskResponse(task_id=task.id, status=convert.task_status(task.status))
+
+    async def ListImageTasks(
+        self, request: pb.ListImageTasksRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ListImageTasksResponse:
+        """List the caller's tasks, newest first, a page at a time."""
+        status, size, token = convert.list_query(request)
+        tasks, cursor = await self.service.list_tasks(
+            caller=CALLER.get(), status=status, limit=size, after=token
+        )
+        return convert.list_response(tasks, cursor)
+
+    async def GetUsage(
+        self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetUsageResponse:
+        """Report the caller's usage per model over a period."""
+        first, last = convert.usage_period(request, utcnow().date())
+        caller = CALLER.get()
+        rows = await self.service.usage(first, last, caller=caller)
+        return convert.usage_response(
+            caller.name if caller else "", first, last, rows, self.service.settings.price_currency
+        )
 
     async def HealthCheck(
         self, request: pb.HealthCheckRequest, context: grpc.aio.ServicerContext[object, object]

@@ -5,10 +5,16 @@ text, so the encoding lives here once. Enums become their string values,
 tuples become lists, datetimes become ISO 8601 in UTC. A stored result never
 holds image bytes: the runner puts them in the blob store first, and encoding
 an image that still carries `data` is refused.
+
+The cursors of `TaskBackend.list` live here too: a position (the backend's
+own sort key of the last task seen) and that task's id, as JSON in URL-safe
+base64, so a client can only hand them back.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +27,10 @@ from sia.domain import (
     ResponseFormat,
     Usage,
 )
+from sia.errors import InvalidArgument
+
+#: Far longer than any cursor this module writes; a longer page_token is refused unread.
+_MAX_CURSOR = 512
 
 
 def request_to_json(request: GenerationRequest) -> str:
@@ -98,6 +108,34 @@ def to_iso(moment: datetime) -> str:
 def from_iso(text: str) -> datetime:
     """The UTC datetime written by `to_iso`."""
     return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def cursor_to_text(position: str, task_id: str) -> str:
+    """The opaque page token that resumes a listing after (`position`, `task_id`)."""
+    raw = json.dumps([position, task_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def cursor_from_text(text: str) -> tuple[str, str]:
+    """The (position, task_id) of a token made by `cursor_to_text`.
+
+    Raises sia.errors.InvalidArgument naming "page_token" for anything else.
+    """
+    if len(text) > _MAX_CURSOR:
+        raise bad_cursor()
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+        pair = json.loads(raw)
+    except (binascii.Error, ValueError) as exc:  # JSON's and UTF-8's errors are ValueErrors
+        raise bad_cursor() from exc
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+        raise bad_cursor()
+    return pair[0], pair[1]
+
+
+def bad_cursor() -> InvalidArgument:
+    """The error for a page token that no listing made."""
+    return InvalidArgument.field("page_token", "is not a next_page_token from a previous page")
 
 
 def _image_to_dict(image: GeneratedImage) -> dict[str, Any]:

@@ -5,9 +5,19 @@ A task is one saq job whose key is the task id, so any replica can answer for
 any task with one Redis round trip. The job carries the request; its result is
 the stored result (image bytes live in the blob store, never in Redis).
 
+- Owners: a job's `meta["owner"]` names who submitted it (an API key's name;
+  "" without access control).
 - Idempotency: saq de-duplicates a key only while its job is unfinished, so a
-  `request_id` is claimed with `SET NX` for the retention period
-  (`sia:<queue>:request:<request_id>` -> task id).
+  `request_id` is claimed per owner with `SET NX` for twice the retention
+  period (-> task id): `sia:<queue>:request:<request_id>` for owner "" (the
+  key it had before owners), `sia:<queue>:owner-request:<len(owner)>:<owner>:<request_id>`
+  for the others; the length prefix keeps any two pairs apart.
+- Listing: `sia:<queue>:owner-tasks:<owner>` is a sorted set of the owner's
+  task ids scored by creation time (ms), added to on submit; each submit
+  renews its expiry (twice the retention) and trims entries older than
+  that. Entries whose job has expired are dropped when a listing meets them.
+  A listing reads at most `LIST_SCAN` entries per call, so a page filtered by
+  status may hold fewer tasks than asked for and still have a next page.
 - Crashes: a running job is touched every `heartbeat / 3` seconds; the sweep
   of any live replica (every `heartbeat / 2` seconds) re-queues a job whose
   replica stopped touching it, up to `max_attempts` attempts in all, so a
@@ -54,12 +64,22 @@ from sia.errors import (
 from sia.logs import get_logger
 from sia.providers.retry import upstream_call_limit
 from sia.tasks.base import TaskStats
-from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
+from sia.tasks.codec import (
+    bad_cursor,
+    cursor_from_text,
+    cursor_to_text,
+    request_from_json,
+    request_to_json,
+    result_from_json,
+    result_to_json,
+)
 from sia.tasks.errors import CANCELLED, INTERNAL, abandoned, runner_failure, store_errors
 from sia.tasks.redis_queue import FAULTS as _FAULTS
 from sia.tasks.redis_queue import JobQueue, JobWorker, check_persistence, ping
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
     from sia.domain import GenerationRequest
     from sia.metrics import Metrics
     from sia.tasks.base import Runner
@@ -75,6 +95,12 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 1.0,
     "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), retries=2),
 }
+
+#: The most index entries one `list` call reads: the bound on its work when a status
+#: filter (or expired entries) leaves most of them out.
+LIST_SCAN = 250
+#: Index entries read per round when filtering by status (jobs are fetched per round).
+_LIST_BATCH = 50
 
 _STATUSES = {
     Status.NEW: TaskStatus.QUEUED,
@@ -157,23 +183,23 @@ class RedisTaskBackend:
             while not self._worker.tasks:  # noqa: ASYNC110 - saq signals no "started" event
                 await asyncio.sleep(0)
 
-    async def submit(self, request: GenerationRequest) -> Task:
-        """Enqueue a job, or return the task already claimed for request.request_id."""
+    async def submit(self, request: GenerationRequest, *, owner: str = "") -> Task:
+        """Enqueue a job of `owner`, or return the task `owner` claimed request.request_id for."""
         if self._draining:
             raise ShuttingDown
         queue, redis = self._conn
         task_id = new_task_id()
+        claim = self._claim_key(owner, request.request_id) if request.request_id else ""
         with store_errors(*_FAULTS):
-            if request.request_id:
-                claim = self._key("request", request.request_id)
+            if claim:
                 claimed = await redis.set(claim, task_id, nx=True, ex=self._retention * 2)
                 if not claimed and (existing := await self._claimed_task(claim)) is not None:
                     return existing
                 if not claimed:  # the claim outlived its task: take it over
                     await redis.set(claim, task_id, ex=self._retention * 2)
             if await queue.count("incomplete") >= self.queue_limit:
-                if request.request_id:
-                    await redis.delete(self._key("request", request.request_id))
+                if claim:
+                    await redis.delete(claim)
                 raise QueueFull(self.queue_limit)
             job = Job(
                 function=FUNCTION,
@@ -185,23 +211,124 @@ class RedisTaskBackend:
                 ttl=self._retention,
                 retry_delay=1.0,
                 retry_backoff=60.0,
+                meta={"owner": owner},
             )
             enqueued = await queue.enqueue(job)
-        if enqueued is None:  # pragma: no cover - a fresh random key cannot collide
-            raise Unavailable("the task could not be queued; retry")
+            if enqueued is None:  # pragma: no cover - a fresh random key cannot collide
+                raise Unavailable("the task could not be queued; retry")
+            await self._index(owner, task_id, enqueued.queued)
         return self._task(enqueued, cancelled=False)
+
+    async def _index(self, owner: str, task_id: str, created_ms: int) -> None:
+        """Add a task to its owner's listing; renew the set's expiry and trim its old entries."""
+        _, redis = self._conn
+        kept = self._retention * 2
+        async with redis.pipeline(transaction=True) as pipe:
+            index = self._key("owner-tasks", owner)
+            pipe.zadd(index, {task_id: created_ms})
+            pipe.zremrangebyscore(index, "-inf", f"({created_ms - kept * 1000}")
+            pipe.expire(index, kept)
+            await pipe.execute()
+
+    def _claim_key(self, owner: str, request_id: str) -> str:
+        """The key claiming `request_id` for `owner` (see the module docstring)."""
+        if not owner:
+            return self._key("request", request_id)
+        return self._key("owner-request", f"{len(owner)}:{owner}:{request_id}")
 
     async def _claimed_task(self, claim: str) -> Task | None:
         """The task a request_id claim points at; waits out a winner still enqueuing."""
         _, redis = self._conn
         for _ in range(50):
-            owner = await redis.get(claim)
-            if owner is None:
+            task_id = await redis.get(claim)
+            if task_id is None:
                 return None
             with contextlib.suppress(TaskNotFound):
-                return await self.get(owner.decode())
+                return await self.get(task_id.decode())
             await asyncio.sleep(0.02)  # the claim's winner sets it just before enqueuing
         return None
+
+    async def list(
+        self,
+        owner: str,
+        *,
+        status: TaskStatus | None = None,
+        limit: int = 20,
+        after: str = "",
+    ) -> tuple[list[Task], str]:
+        """`owner`'s tasks (or those in `status`) newest first, and the next page's cursor.
+
+        Reads at most max(LIST_SCAN, limit) entries of the owner's index: a
+        page may hold fewer than `limit` tasks while the cursor is not "".
+        The cursor holds the (score, id) of the last entry read.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        position = _position(after) if after else None
+        _, redis = self._conn
+        index = self._key("owner-tasks", owner)
+        budget = max(LIST_SCAN, limit)
+        page: list[Task] = []
+        expired: list[bytes] = []
+        scanned, more = 0, True
+        with store_errors(*_FAULTS):
+            while more and len(page) < limit and scanned < budget:
+                need = limit - len(page)
+                want = min(budget - scanned, need if status is None else max(need, _LIST_BATCH))
+                entries = await self._entries_after(index, position, want + 1)
+                more, entries = len(entries) > want, entries[:want]  # one more: is there a next?
+                tasks = await self._listed(member for member, _ in entries)
+                for n, (member, score) in enumerate(entries):
+                    if len(page) == limit:  # is any task left in this batch for the next page?
+                        more = more or any(_shown(task, status) for task in tasks[n:])
+                        break
+                    position, scanned = (score, member), scanned + 1
+                    task = tasks[n]
+                    if task is None:
+                        expired.append(member)
+                    elif _shown(task, status):
+                        page.append(task)
+            if expired:
+                await redis.zrem(index, *expired)
+        if not more or position is None:
+            return page, ""
+        return page, cursor_to_text(str(position[0]), position[1].decode())
+
+    async def _listed(self, members: Iterable[bytes]) -> Sequence[Task | None]:
+        """The tasks of index entries, in one MGET; None for each whose job has expired."""
+        queue, redis = self._conn
+        ids = [member.decode() for member in members]
+        if not ids:
+            return []
+        keys = [queue.job_id(task_id) for task_id in ids]
+        values = await redis.mget(*keys, *(self._key("cancel", task_id) for task_id in ids))
+        jobs = [queue.deserialize(raw) if raw else None for raw in values[: len(ids)]]
+        markers = values[len(ids) :]
+        return [
+            None if job is None else self._task(job, cancelled=marker is not None)
+            for job, marker in zip(jobs, markers, strict=True)
+        ]
+
+    async def _entries_after(
+        self, index: str, position: tuple[int, bytes] | None, count: int
+    ) -> Sequence[tuple[bytes, int]]:
+        """Up to `count` (id, score) entries of `index` after `position`, newest first.
+
+        Entries of one score come in descending id order (Redis's), so the
+        position's own score is read whole and cut at its id.
+        """
+        _, redis = self._conn
+        if position is None:
+            found = await redis.zrevrange(index, 0, count - 1, withscores=True)
+            return [(member, int(score)) for member, score in found]
+        score, last = position
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zrevrangebyscore(index, score, score)
+            pipe.zrevrangebyscore(index, f"({score}", "-inf", start=0, num=count, withscores=True)
+            ties, older = await pipe.execute()
+        entries = [(member, score) for member in ties if member < last]
+        entries += [(member, int(older_score)) for member, older_score in older]
+        return entries[:count]
 
     async def get(self, task_id: str) -> Task:
         """The task as stored in Redis (any replica's)."""
@@ -348,6 +475,7 @@ class RedisTaskBackend:
             result=result,
             error=error,
             attempts=job.attempts,
+            owner=str(job.meta.get("owner", "")),
         )
 
     def _count(self, metric: str, *labels: str) -> None:
@@ -376,6 +504,20 @@ def _failure(job: Job) -> ImageError:
 
 class _Abandoned(Exception):
     """Raised to make saq fail a job that has used up its attempts."""
+
+
+def _shown(task: Task | None, status: TaskStatus | None) -> bool:
+    """Whether a listing filtered by `status` (None: none) shows `task` (None: expired)."""
+    return task is not None and (status is None or task.status is status)
+
+
+def _position(after: str) -> tuple[int, bytes]:
+    """The (score, id) of the index entry a cursor from `list` resumes after."""
+    score, task_id = cursor_from_text(after)
+    try:
+        return int(score), task_id.encode()
+    except ValueError as exc:
+        raise bad_cursor() from exc
 
 
 def _time(millis: int) -> datetime | None:

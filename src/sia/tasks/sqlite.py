@@ -95,21 +95,38 @@ class SqliteTaskBackend:
         ]
         self._poller = asyncio.create_task(self._poll(), name="sia-task-poller")
 
-    async def submit(self, request: GenerationRequest) -> Task:
-        """Queue a new task, or return the one already stored for request.request_id."""
+    async def submit(self, request: GenerationRequest, *, owner: str = "") -> Task:
+        """Queue a new task of `owner`, or return the one `owner` stored for request.request_id."""
         if self._draining:
             raise ShuttingDown
         table, request_id = self._table, request.request_id
-        if request_id and (existing := await table.by_request_id(request_id)):
+        if request_id and (existing := await table.by_request_id(request_id, owner=owner)):
             return existing
-        task = await table.insert(request, limit=self.queue_limit)
+        task = await table.insert(request, owner=owner, limit=self.queue_limit)
         if task is None:
             # A concurrent submit with the same request_id may have won its unique index.
-            if request_id and (winner := await table.by_request_id(request_id)):
+            if request_id and (winner := await table.by_request_id(request_id, owner=owner)):
                 return winner
             raise QueueFull(self.queue_limit)
         self._nudge()
         return task
+
+    async def list(
+        self,
+        owner: str,
+        *,
+        status: TaskStatus | None = None,
+        limit: int = 20,
+        after: str = "",
+    ) -> tuple[list[Task], str]:
+        """`owner`'s tasks (or those in `status`) newest first, and the next page's cursor.
+
+        A full page of `limit` is returned whenever that many tasks follow
+        `after`; the cursor is "" on the last page.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._table.list(owner, status=status, limit=limit, after=after)
 
     async def get(self, task_id: str) -> Task:
         """The stored task; raises TaskNotFound."""

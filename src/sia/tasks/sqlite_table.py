@@ -3,6 +3,11 @@
 One aiosqlite connection in autocommit mode serves the table; every state
 change is a single statement, so no transaction spans an `await`.
 
+Each task belongs to an owner (an API key's name, "" without access control):
+request_ids are unique per owner, and an owner's tasks are listed newest
+first through the (owner, created_at, id) index. A file of an older schema
+(`PRAGMA user_version`) is upgraded in place when opened.
+
 sqlite3's exceptions never leave this module. A file that cannot be opened,
 or that holds a newer schema, is a `ConfigError` at start-up; any fault after
 that (locked, full, an I/O error, a corrupt page, a broken constraint) is
@@ -19,7 +24,16 @@ import aiosqlite
 from sia.domain import ImageError, Task, TaskStatus, new_task_id, utcnow
 from sia.errors import ConfigError
 from sia.tasks.base import TaskStats
-from sia.tasks.codec import from_iso, request_from_json, request_to_json, result_from_json, to_iso
+from sia.tasks.codec import (
+    bad_cursor,
+    cursor_from_text,
+    cursor_to_text,
+    from_iso,
+    request_from_json,
+    request_to_json,
+    result_from_json,
+    to_iso,
+)
 from sia.tasks.errors import ABANDONED_CODE, CANCELLED, store_errors
 
 if TYPE_CHECKING:
@@ -29,30 +43,43 @@ if TYPE_CHECKING:
 
     from sia.domain import GenerationRequest
 
-SCHEMA_VERSION = 1
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    id            TEXT PRIMARY KEY,
-    request_id    TEXT NOT NULL DEFAULT '',
-    status        TEXT NOT NULL,
-    request       TEXT NOT NULL,
-    result        TEXT,
-    error_code    TEXT,
-    error_message TEXT,
-    attempts      INTEGER NOT NULL DEFAULT 0,
-    created_at    TEXT NOT NULL,
-    updated_at    TEXT NOT NULL,
-    finished_at   TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_request_id ON tasks (request_id) WHERE request_id != '';
-CREATE INDEX IF NOT EXISTS tasks_status_created ON tasks (status, created_at);
-CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at);
-"""
+SCHEMA_VERSION = 2
+# `owner` comes last: version 1 files gain it by ALTER TABLE, and both layouts stay alike.
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS tasks (
+        id            TEXT PRIMARY KEY,
+        request_id    TEXT NOT NULL DEFAULT '',
+        status        TEXT NOT NULL,
+        request       TEXT NOT NULL,
+        result        TEXT,
+        error_code    TEXT,
+        error_message TEXT,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL,
+        finished_at   TEXT,
+        owner         TEXT NOT NULL DEFAULT ''
+    )
+    """,
+    "CREATE UNIQUE INDEX IF NOT EXISTS tasks_owner_request_id "
+    "ON tasks (owner, request_id) WHERE request_id != ''",
+    "CREATE INDEX IF NOT EXISTS tasks_owner_created ON tasks (owner, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS tasks_status_created ON tasks (status, created_at)",
+    "CREATE INDEX IF NOT EXISTS tasks_finished ON tasks (finished_at)",
+)
+#: What brings a file of schema N up to N + 1 (then `_SCHEMA` adds any new index).
+_UPGRADES = {
+    1: (
+        "ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "DROP INDEX IF EXISTS tasks_request_id",  # unique per owner now
+    ),
+}
 _INSERT = """
-INSERT INTO tasks (id, request_id, status, request, attempts, created_at, updated_at)
-SELECT ?, ?, 'queued', ?, 0, ?, ?
+INSERT INTO tasks (id, owner, request_id, status, request, attempts, created_at, updated_at)
+SELECT ?, ?, ?, 'queued', ?, 0, ?, ?
 WHERE (SELECT count(*) FROM tasks WHERE status IN ('queued', 'running')) < ?
-ON CONFLICT (request_id) WHERE request_id != '' DO NOTHING
+ON CONFLICT (owner, request_id) WHERE request_id != '' DO NOTHING
 RETURNING *
 """
 _CLAIM = """
@@ -85,6 +112,14 @@ UPDATE tasks SET status = 'failed', error_code = ?,
 WHERE status = 'running' AND attempts >= ?
 """
 _ABANDON_ONE = f"{_ABANDON_ALL} AND id = ?"
+# Newest first, resuming strictly after the (created_at, id) of the last task seen: a range
+# on tasks_owner_created, so a deep page costs no more than the first.
+_LIST = """
+SELECT * FROM tasks WHERE owner = ? AND (created_at, id) < (?, ?) AND (? IS NULL OR status = ?)
+ORDER BY created_at DESC, id DESC LIMIT ?
+"""
+#: A position after every stored created_at (they start with a digit): the first page's.
+_NEWEST = "~"
 _PURGE = """
 DELETE FROM tasks WHERE finished_at < ? AND status IN ('succeeded', 'failed', 'cancelled')
 """
@@ -98,7 +133,7 @@ class TaskTable:
 
     @classmethod
     async def open(cls, path: Path) -> TaskTable:
-        """Open (or create) the file, in WAL mode, with the current schema."""
+        """Open (or create) the file, in WAL mode, upgraded to the current schema."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(path, isolation_level=None)
@@ -109,40 +144,59 @@ class TaskTable:
             await db.execute("PRAGMA busy_timeout = 5000")
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute("PRAGMA synchronous = NORMAL")
-            (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"the task database {path} has schema {version}; "
-                    f"this version of sia knows only up to {SCHEMA_VERSION}"
-                )
-            await db.executescript(
-                f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
+            await _upgrade(db, path)
         except BaseException as exc:
-            await db.close()
+            await db.close()  # rolls back an upgrade left half done
             if isinstance(exc, sqlite3.Error):
                 raise ConfigError(f"cannot use the task database {path}: {exc}") from exc
             raise
         return cls(db)
 
-    async def insert(self, request: GenerationRequest, *, limit: int) -> Task | None:
-        """Store `request` as a new QUEUED task.
+    async def insert(
+        self, request: GenerationRequest, *, owner: str = "", limit: int
+    ) -> Task | None:
+        """Store `request` as a new QUEUED task of `owner`.
 
         None when `limit` tasks are already queued or running, or when another
-        task holds the request's request_id.
+        task of `owner` holds the request's request_id.
         """
         now = to_iso(utcnow())
-        params = (new_task_id(), request.request_id, request_to_json(request), now, now, limit)
+        request_json = request_to_json(request)
+        params = (new_task_id(), owner, request.request_id, request_json, now, now, limit)
         return _task(await self._fetch_one(_INSERT, params))
 
     async def get(self, task_id: str) -> Task | None:
         """The task with id `task_id`, if there is one."""
         return _task(await self._fetch_one("SELECT * FROM tasks WHERE id = ?", (task_id,)))
 
-    async def by_request_id(self, request_id: str) -> Task | None:
-        """The task submitted with `request_id`, if there is one."""
-        sql = "SELECT * FROM tasks WHERE request_id = ?"
-        return _task(await self._fetch_one(sql, (request_id,)))
+    async def by_request_id(self, request_id: str, *, owner: str = "") -> Task | None:
+        """The task `owner` submitted with `request_id`, if there is one."""
+        sql = "SELECT * FROM tasks WHERE owner = ? AND request_id = ?"
+        return _task(await self._fetch_one(sql, (owner, request_id)))
+
+    async def list(
+        self, owner: str, *, status: TaskStatus | None, limit: int, after: str
+    ) -> tuple[list[Task], str]:
+        """`owner`'s tasks newest first, at most `limit`, and the cursor of the next page.
+
+        The cursor holds the (created_at, id) of the page's last task; "" when
+        no task follows it. A bad `after` raises InvalidArgument (page_token).
+        """
+        created, task_id = _NEWEST, ""
+        if after:
+            created, task_id = cursor_from_text(after)
+            try:
+                from_iso(created)
+            except ValueError as exc:
+                raise bad_cursor() from exc
+        value = None if status is None else status.value
+        params = (owner, created, task_id, value, value, limit + 1)  # one more: is there a next?
+        rows = list(await self._fetch_all(_LIST, params))
+        tasks = [_task_of(row) for row in rows[:limit]]
+        if len(rows) <= limit:
+            return tasks, ""
+        last = rows[limit - 1]
+        return tasks, cursor_to_text(last["created_at"], last["id"])
 
     async def claim(self) -> Task | None:
         """Mark the oldest QUEUED task RUNNING, counting an attempt, and return it."""
@@ -223,9 +277,34 @@ class TaskTable:
                 return cursor.rowcount
 
 
+async def _upgrade(db: aiosqlite.Connection, path: Path) -> None:
+    """Create the schema, or bring an older file's up to SCHEMA_VERSION, in one transaction.
+
+    A newer file is a ConfigError. The write lock is taken before the version
+    is read, so two processes opening one old file upgrade it once.
+    """
+    await db.execute("BEGIN IMMEDIATE")
+    (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the task database {path} has schema {version}; "
+            f"this version of sia knows only up to {SCHEMA_VERSION}"
+        )
+    if version:  # 0: a new file, created from `_SCHEMA` alone
+        for step in range(version, SCHEMA_VERSION):
+            for statement in _UPGRADES[step]:
+                await db.execute(statement)
+    for statement in _SCHEMA:
+        await db.execute(statement)
+    await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    await db.execute("COMMIT")
+
+
 def _task(row: sqlite3.Row | None) -> Task | None:
-    if row is None:
-        return None
+    return None if row is None else _task_of(row)
+
+
+def _task_of(row: sqlite3.Row) -> Task:
     code = row["error_code"]
     finished_at = row["finished_at"]
     return Task(
@@ -238,4 +317,5 @@ def _task(row: sqlite3.Row | None) -> Task | None:
         result=None if row["result"] is None else result_from_json(row["result"]),
         error=None if code is None else ImageError(code, row["error_message"] or ""),
         attempts=row["attempts"],
+        owner=row["owner"],
     )

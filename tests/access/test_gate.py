@@ -1,0 +1,107 @@
+"""The gate's limits through the service: budgets, the account's images per minute, slots."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+import pytest
+
+from sia.app import App
+from sia.domain import GenerationRequest, TaskStatus
+from sia.errors import QuotaExceeded
+from tests.access.helpers import app_key
+from tests.helpers import TEST_SIZE
+
+if TYPE_CHECKING:
+    from sia.access.base import ApiKey
+    from tests.helpers import MakeSettings
+
+MODEL = "doubao-seedream-4-0-250828"
+PRICES = json.dumps({MODEL: 0.2})
+
+
+def _request(max_images: int | None = None) -> GenerationRequest:
+    return GenerationRequest(prompt="x", model=MODEL, size=TEST_SIZE, max_images=max_images)
+
+
+def _caller(app: App, name: str) -> ApiKey:
+    key = app.access.keys.by_name(name)
+    assert key is not None
+    return key
+
+
+@pytest.mark.parametrize("period", ["day", "month"])
+async def test_a_budget_refuses_the_call_that_would_pass_it(
+    make_settings: MakeSettings, period: str
+) -> None:
+    """At 0.2 a picture a 0.5 budget takes two; the third is refused, naming the budget and
+    its reset, and a group is priced at its most images before it runs."""
+    async with App(make_settings(model_prices=PRICES)) as app:
+        await app_key(app, "thrifty", **{f"budget_per_{period}_micros": 500_000})
+        caller = _caller(app, "thrifty")
+        for _ in range(2):
+            await app.service.generate(_request(), caller=caller)
+        with pytest.raises(QuotaExceeded) as refused:
+            await app.service.generate(_request(), caller=caller)
+        error = refused.value
+        assert (error.subject, error.limit) == ("key:thrifty", f"budget_per_{period}")
+        assert "0.40 CNY of 0.50 CNY spent" in error.description
+        assert 0 < error.retry_after <= 31 * 86400
+        await app.service.publish_task_stats()
+        await app.access.publish_budgets()
+        ratio = app.metrics.registry.get_sample_value(
+            "sia_key_budget_used_ratio", {"key": "thrifty", "period": period}
+        )
+        assert ratio == pytest.approx(0.8)
+
+
+async def test_a_group_reserves_its_most_images(make_settings: MakeSettings) -> None:
+    """images_per_day counts a group at max_images before it runs."""
+    async with App(make_settings()) as app:
+        await app_key(app, "groups", images_per_day=3)
+        with pytest.raises(QuotaExceeded, match="images_per_day"):
+            await app.service.generate(_request(max_images=4), caller=_caller(app, "groups"))
+
+
+async def test_the_account_limit_refuses_calls_and_holds_tasks(
+    make_settings: MakeSettings,
+) -> None:
+    """Past UPSTREAM_IMAGES_PER_MINUTE a call is refused (subject "account", with a retry
+    delay) while a task waits in line instead of failing."""
+    async with App(make_settings(upstream_images_per_minute=2)) as app:
+        for _ in range(2):
+            await app.service.generate(_request())
+        with pytest.raises(QuotaExceeded) as refused:
+            await app.service.generate(_request())
+        assert (refused.value.subject, refused.value.limit) == (
+            "account",
+            "upstream_images_per_minute",
+        )
+        assert 0 < refused.value.retry_after <= 60
+        task = await app.service.submit(_request())
+        await asyncio.sleep(1.5)  # a worker took it long since: it waits for the window
+        waiting = await app.service.get_task(task.id)
+        assert waiting.status is TaskStatus.RUNNING
+        await app.service.cancel_task(task.id)
+
+
+async def test_a_task_waits_for_its_keys_concurrency_slot(make_settings: MakeSettings) -> None:
+    """With concurrency 1 a key's second task runs after its first, not beside it."""
+    async with App(make_settings(offline_latency=0.3)) as app:
+        await app_key(app, "one-at-a-time", concurrency=1)
+        caller = _caller(app, "one-at-a-time")
+        tasks = [await app.service.submit(_request(), caller=caller) for _ in range(2)]
+        done = []
+        for task in tasks:
+            while (found := await app.service.get_task(task.id, caller=caller)).status not in (
+                TaskStatus.SUCCEEDED,
+                TaskStatus.FAILED,
+            ):
+                await asyncio.sleep(0.05)
+            done.append(found)
+        assert [t.status for t in done] == [TaskStatus.SUCCEEDED] * 2
+        first, second = sorted(done, key=lambda t: t.finished_at or t.updated_at)
+        assert first.finished_at and second.finished_at
+        assert (second.finished_at - first.finished_at).total_seconds() >= 0.25
