@@ -4,6 +4,7 @@ running app, and a real gRPC channel to it."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,21 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name)
 
 
+#: An SIA API key (sia.access.keys.new_key): no log line of any test may hold one.
+API_KEY = re.compile(r"sia_[A-Za-z0-9_-]{43}")
+
+
 @pytest.fixture(autouse=True)
-def _flush_log_lines() -> Iterator[None]:
-    """Log lines still waiting for their loop's flush leave with the test that wrote them."""
+def _flush_log_lines(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Log lines still waiting for their loop's flush leave with the test that wrote them;
+    every line is checked on its way for an API key."""
+    write = OUTPUT.write
+
+    def checked(line: str) -> None:
+        assert not API_KEY.search(line), f"an API key reached the logs: {line[:200]}"
+        write(line)
+
+    monkeypatch.setattr(OUTPUT, "write", checked)
     yield
     OUTPUT.flush()
 

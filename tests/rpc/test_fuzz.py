@@ -258,6 +258,71 @@ async def test_cancel_task_answers_are_the_servers_own(stub: Stub, task_id: str)
     await exercise(stub.CancelImageTask, pb.CancelImageTaskRequest(task_id=task_id))
 
 
+#: What a metadata value may hold (printable ASCII): gRPC refuses to send anything else.
+METADATA_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200)
+DATES = st.one_of(TEXT, st.dates().map(str), st.just(""))
+
+
+@st.composite
+def list_requests(draw: st.DrawFn) -> pb.ListImageTasksRequest:
+    """Any status number, page size and token."""
+    return pb.ListImageTasksRequest(
+        status=draw(st.integers(-(2**31), 2**31 - 1)),
+        page_size=draw(st.integers(-(2**31), 2**31 - 1)),
+        page_token=draw(
+            st.one_of(TEXT, st.text(alphabet="ABCDEFabcdef0123456789-_=", max_size=80))
+        ),
+    )
+
+
+@st.composite
+def usage_requests(draw: st.DrawFn) -> pb.GetUsageRequest:
+    """Any period number and date strings."""
+    return pb.GetUsageRequest(
+        period=draw(st.integers(-(2**31), 2**31 - 1)),
+        start_date=draw(DATES),
+        end_date=draw(DATES),
+    )
+
+
+@PROFILE
+@given(request=list_requests())
+async def test_list_tasks_answers_are_the_servers_own(stub: Stub, request: Any) -> None:
+    """ListImageTasks with arbitrary filters and page tokens."""
+    await exercise(stub.ListImageTasks, request)
+
+
+@PROFILE
+@given(request=usage_requests())
+async def test_get_usage_answers_are_the_servers_own(stub: Stub, request: Any) -> None:
+    """GetUsage with arbitrary periods and dates."""
+    await exercise(stub.GetUsage, request)
+
+
+@PROFILE
+@given(
+    authorization=st.one_of(
+        METADATA_TEXT,
+        st.builds("Bearer {}".format, METADATA_TEXT),
+        st.builds("Bearer sia_{}".format, METADATA_TEXT),
+        st.just("Bearer "),
+    )
+)
+async def test_any_authorization_value_is_unauthenticated(
+    app: App, stub: Stub, authorization: str
+) -> None:
+    """With keys required, an authorization value of any shape is UNAUTHENTICATED."""
+    metadata = (("authorization", authorization),)
+    app.access.keys.mode = "keys"
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetUsage(pb.GetUsageRequest(), metadata=metadata, timeout=120)
+    finally:
+        app.access.keys.mode = "auto"
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    check_answer(refused.value, pb.GetUsageRequest())
+
+
 @PROFILE
 @given(request=st.builds(pb.HealthCheckRequest))
 async def test_health_check_always_answers(stub: Stub, request: Any) -> None:
