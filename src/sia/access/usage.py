@@ -105,10 +105,17 @@ class Ledger:
             await self.store.record_usage(entries)
         except SiaError as exc:
             log.warning("usage_flush_failed", error=exc.message, entries=len(entries))
-            for (key, model, day), counts in batch.items():
-                merged = self._pending[key, model, day]
-                for index, count in enumerate(counts):
-                    merged[index] += count
+            self._keep(batch)
+        except BaseException:
+            self._keep(batch)  # cancelled mid-write (shutdown): the final flush writes it
+            raise
+
+    def _keep(self, batch: dict[tuple[str, str, date], list[int]]) -> None:
+        """Put a batch that was not written back with the pending counts."""
+        for (key, model, day), counts in batch.items():
+            merged = self._pending[key, model, day]
+            for index, count in enumerate(counts):
+                merged[index] += count
 
     async def flush_forever(self, interval: float) -> None:
         """`flush()` every `interval` seconds."""
