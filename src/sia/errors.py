@@ -10,7 +10,8 @@ else that escapes a handler is a bug and becomes INTERNAL.
     │   └── UpstreamRejected       the provider refused the parameters or the content
     ├── Unauthenticated            no API key, an unknown one or a revoked one (one message)
     ├── PermissionDenied
-    │   └── ModelNotAllowed        the caller's key may not use the model asked for
+    │   ├── ModelNotAllowed        the caller's key may not use the model asked for
+    │   └── KeyRevoked             a queued task's key was revoked before it ran
     ├── NotFound
     │   └── TaskNotFound           no task has that id (or it is another key's)
     ├── AlreadyExists
@@ -42,6 +43,7 @@ original.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -130,6 +132,18 @@ class ModelNotAllowed(PermissionDenied):
         super().__init__(f"this API key may not use model {model!r}", metadata={"model": model})
 
 
+class KeyRevoked(PermissionDenied):
+    """The key that submitted a task was revoked before the task ran: it does not run."""
+
+    reason = "KEY_REVOKED"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"the API key {name!r} that submitted this task was revoked; it was not run",
+            metadata={"key_name": name},
+        )
+
+
 class NotFound(SiaError):
     """The named thing does not exist."""
 
@@ -216,8 +230,8 @@ class QuotaExceeded(ResourceExhausted):
     per minute (`subject` "account").
 
     `limit` names it ("requests_per_minute", "images_per_day", "budget_per_month", ...);
-    `retry_after` is when it next lets the call through. Clients get both in
-    `google.rpc.QuotaFailure` and `RetryInfo`.
+    `retry_after` is when it next lets the call through (infinite when it never will:
+    no RetryInfo then). Clients get both in `google.rpc.QuotaFailure` and `RetryInfo`.
     """
 
     reason = "QUOTA_EXCEEDED"
@@ -225,8 +239,13 @@ class QuotaExceeded(ResourceExhausted):
     def __init__(
         self, subject: str, limit: str, description: str, retry_after: float, value: int = 0
     ) -> None:
+        advice = (
+            f"retry in {retry_after:.3g} s"
+            if math.isfinite(retry_after)
+            else "it can never pass: ask for fewer images"
+        )
         super().__init__(
-            f"{limit} reached for {subject}: {description}; retry in {retry_after:.3g} s",
+            f"{limit} reached for {subject}: {description}; {advice}",
             metadata={"subject": subject, "limit": limit},
         )
         self.subject = subject

@@ -31,6 +31,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from sia.access.base import MICROS
 from sia.domain import TaskStatus
 
 if TYPE_CHECKING:
@@ -289,7 +290,7 @@ class Metrics:
         if tokens:
             self.key_output_tokens.labels(key, model).inc(tokens)
         if micros:
-            self.key_spend.labels(key, model).inc(micros / 1_000_000)
+            self.key_spend.labels(key, model).inc(micros / MICROS)
 
     def set_task_stats(self, backend: str, stats: TaskStats) -> None:
         """Publish a task backend's counts by status and its queue's depth and age."""

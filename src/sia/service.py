@@ -143,14 +143,14 @@ class ImageService:
 
         Data-URI references are decoded and checked first, off the event loop,
         and hold their share of REFERENCE_BYTES_IN_FLIGHT until the call ends.
-        The caller's key must allow the model and have room in its limits; it
-        holds one of its concurrency slots while the generation runs.
+        The caller's key must allow the model and have room in its limits; the
+        call holds one of its concurrency slots and reserves its most images and
+        cost against the key's quotas while it runs.
         """
         access = self.access
         if access is None or (caller is None and not self._gate_anonymous):
             return await self._generate_checked(request, caller_timeout, "")
-        await access.admit(caller, request)
-        async with access.generating(caller, request, wait=False):
+        async with access.calling(caller, request):
             owner = caller.name if caller is not None else ""
             return await self._generate_checked(request, caller_timeout, owner)
 
@@ -179,15 +179,14 @@ class ImageService:
         Task results must outlive the provider's URLs (Ark's expire after 24 h),
         so tasks always ask the provider for the image bytes. The generation is
         billed: a failing blob store is retried, never the generation.
-        Its key's concurrency slot and the account's images per minute are
-        waited for, not refused: the task stays in line until they are free.
+        Its key is checked again (revoked: KeyRevoked; over a quota or budget:
+        QuotaExceeded) and the account's images per minute are waited for.
         """
         request, access = _as_bytes(task.request), self.access
         if access is None:
             result = await self._call_provider(request, None, task.owner)
         else:
-            owner = access.keys.by_name(task.owner) if task.owner else None
-            async with access.generating(owner, request, wait=True):
+            async with access.running(task.owner, request):
                 result = await self._call_provider(request, None, task.owner)
         return await self._store_bytes(result, retry_delays=STORE_RETRY_DELAYS)
 

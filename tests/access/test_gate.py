@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from sia.app import App
-from sia.domain import GenerationRequest, TaskStatus
+from sia.domain import GenerationRequest, Task, TaskStatus, utcnow
 from sia.errors import QuotaExceeded
 from tests.access.helpers import app_key
 from tests.helpers import TEST_SIZE
@@ -87,21 +87,65 @@ async def test_the_account_limit_refuses_calls_and_holds_tasks(
         await app.service.cancel_task(task.id)
 
 
-async def test_a_task_waits_for_its_keys_concurrency_slot(make_settings: MakeSettings) -> None:
-    """With concurrency 1 a key's second task runs after its first, not beside it."""
+async def test_calls_in_flight_count_against_the_days_quota(make_settings: MakeSettings) -> None:
+    """Five calls at once with one image left today: one runs, four are refused."""
     async with App(make_settings(offline_latency=0.3)) as app:
-        await app_key(app, "one-at-a-time", concurrency=1)
-        caller = _caller(app, "one-at-a-time")
-        tasks = [await app.service.submit(_request(), caller=caller) for _ in range(2)]
-        done = []
-        for task in tasks:
-            while (found := await app.service.get_task(task.id, caller=caller)).status not in (
-                TaskStatus.SUCCEEDED,
-                TaskStatus.FAILED,
-            ):
-                await asyncio.sleep(0.05)
-            done.append(found)
-        assert [t.status for t in done] == [TaskStatus.SUCCEEDED] * 2
-        first, second = sorted(done, key=lambda t: t.finished_at or t.updated_at)
-        assert first.finished_at and second.finished_at
-        assert (second.finished_at - first.finished_at).total_seconds() >= 0.25
+        await app_key(app, "one-a-day", images_per_day=1)
+        caller = _caller(app, "one-a-day")
+        outcomes = await asyncio.gather(
+            *(app.service.generate(_request(), caller=caller) for _ in range(5)),
+            return_exceptions=True,
+        )
+        refused = [o for o in outcomes if isinstance(o, QuotaExceeded)]
+        assert len(refused) == 4
+        assert {o.limit for o in refused} == {"images_per_day"}
+        assert app.access.ledger.totals("one-a-day").images_today == 1
+        assert app.access.ledger.reserved("one-a-day") == (0, 0)
+
+
+async def _finished(app: App, task_id: str, caller: ApiKey | None) -> Task:
+    while not (task := await app.service.get_task(task_id, caller=caller)).status.is_terminal:
+        await asyncio.sleep(0.05)
+    return task
+
+
+async def test_queued_tasks_cannot_spend_past_the_quota(make_settings: MakeSettings) -> None:
+    """Tasks admitted while the quota had room are checked again when they run."""
+    async with App(make_settings(offline_latency=0.2)) as app:
+        await app_key(app, "queued", images_per_day=1)
+        caller = _caller(app, "queued")
+        tasks = [await app.service.submit(_request(), caller=caller) for _ in range(3)]
+        done = [await _finished(app, task.id, caller) for task in tasks]
+        statuses = sorted(task.status.value for task in done)
+        assert statuses == ["failed", "failed", "succeeded"]
+        failed = [task for task in done if task.error is not None]
+        assert {task.error.code for task in failed if task.error} == {"QUOTA_EXCEEDED"}
+        assert app.access.ledger.totals("queued").images_today == 1
+
+
+async def test_a_revoked_key_fails_its_task_before_the_provider(
+    make_settings: MakeSettings,
+) -> None:
+    """A task whose key was revoked while it waited in the queue fails KEY_REVOKED."""
+    async with App(make_settings(task_workers=1, offline_latency=0.5)) as app:
+        await app_key(app, "leaked")
+        caller = _caller(app, "leaked")
+        blocker = await app.service.submit(_request())  # holds the one worker
+        task = await app.service.submit(_request(), caller=caller)
+        await app.access.store.revoke_key("leaked", utcnow())
+        await app.access.keys.refresh()
+        done = await _finished(app, task.id, caller)
+        assert done.status is TaskStatus.FAILED
+        assert done.error is not None and done.error.code == "KEY_REVOKED"
+        assert (await _finished(app, blocker.id, None)).status is TaskStatus.SUCCEEDED
+        assert app.access.ledger.totals("leaked").images_today == 0
+
+
+async def test_a_group_larger_than_a_minute_is_refused_for_good(
+    make_settings: MakeSettings,
+) -> None:
+    """A group that can never fit a per-minute limit is refused without RetryInfo."""
+    async with App(make_settings(upstream_images_per_minute=2)) as app:
+        with pytest.raises(QuotaExceeded, match="never") as refused:
+            await app.service.generate(_request(max_images=3))
+        assert refused.value.retry_after == float("inf")

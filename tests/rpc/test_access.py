@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from sia.access.factory import build_store
+from sia.access.factory import build_access_store
 from sia.access.usage import today
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as grpc_pb
@@ -315,7 +315,7 @@ async def test_a_key_revoked_in_the_store_is_refused_within_seconds(
     settings = make_settings(keys_refresh_interval=1)
     async with App(settings) as app:
         key = await app_key(app, "leaked")
-        cli_store = build_store(settings)
+        cli_store = build_access_store(settings)
         await cli_store.open()
         try:
             await cli_store.revoke_key("leaked", utcnow())

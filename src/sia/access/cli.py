@@ -1,7 +1,7 @@
 """`sia keys create|list|revoke` and `sia usage`: the operator's side of access control.
 
 They read the same settings as `sia serve` and open the same access store
-(`factory.build_store`), so a key created here reaches a running server (every
+(`factory.build_access_store`), so a key created here reaches a running server (every
 replica) within KEYS_REFRESH_INTERVAL seconds.
 """
 
@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sia.access.base import MICROS, ApiKey, KeyLimits
-from sia.access.factory import build_store
+from sia.access.factory import build_access_store
 from sia.access.keys import SHOWN_CHARS, check_name, hash_key, new_key
 from sia.access.usage import today
 from sia.domain import utcnow
@@ -70,7 +70,7 @@ def _run(
     """Open the store of the settings, run `command`, and map errors to exit codes."""
     try:
         loaded = settings()
-        store = build_store(loaded)
+        store = build_access_store(loaded)
 
         async def main() -> None:
             await store.open()

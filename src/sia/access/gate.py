@@ -4,19 +4,30 @@
 key ring, the per-key and account-wide limits and the usage ledger. Checks
 run cheapest first and only for what the key has configured: a key with no
 limits costs a hash and a dict lookup per call.
+
+Daily quotas and budgets count what is used plus what calls in flight on
+this replica may still use (`Ledger.reserve`); a task is checked when it is
+submitted and again when it runs, so a queue of tasks cannot spend past them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import math
 from typing import TYPE_CHECKING, NoReturn
 
+from sia.access.base import MICROS
 from sia.access.keys import KeyRing
 from sia.access.prices import PriceTable
 from sia.access.usage import Ledger, seconds_to_midnight, seconds_to_next_month
-from sia.errors import ConfigError, ModelNotAllowed, QuotaExceeded, SiaError, Unauthenticated
+from sia.errors import (
+    ConfigError,
+    KeyRevoked,
+    ModelNotAllowed,
+    QuotaExceeded,
+    Unauthenticated,
+)
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
@@ -32,7 +43,7 @@ log = get_logger("sia.access")
 
 #: Seconds between writes of the usage batch to the store.
 FLUSH_INTERVAL = 1.0
-#: Longest a task waits between tries for a slot or the account's images.
+#: Longest a task waits between tries for the account's images.
 MAX_WAIT = 5.0
 ACCOUNT = "account"
 
@@ -74,8 +85,8 @@ class AccessControl:
             if self.settings.app_environment == "production" and self.settings.auth_mode != "none":
                 raise ConfigError(
                     "AUTH_MODE: no API keys exist and APP_ENVIRONMENT=production: create one "
-                    "with `sia keys create --name NAME`, or set AUTH_MODE=none to serve "
-                    "without keys"
+                    "with `sia keys create --name NAME`, or set AUTH_MODE=keys (closed until "
+                    "one exists) or AUTH_MODE=none (open)"
                 )
             log.warning(
                 "access_open",
@@ -85,19 +96,20 @@ class AccessControl:
 
     async def sync_forever(self) -> None:
         """Write usage every FLUSH_INTERVAL s; reload keys and totals every
-        KEYS_REFRESH_INTERVAL s (one loop, so a load never misses a batch in flight)."""
+        KEYS_REFRESH_INTERVAL s. Nothing ends the loop but cancellation: a revoke must
+        keep reaching this replica whatever a round met."""
         every = max(1, round(self.settings.keys_refresh_interval / FLUSH_INTERVAL))
         rounds = 0
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            await self.ledger.flush()
             rounds += 1
-            if rounds % every == 0:
-                try:
+            try:
+                await self.ledger.flush()
+                if rounds % every == 0:
                     await self.keys.refresh()
                     await self.ledger.load()
-                except SiaError as exc:
-                    log.warning("access_refresh_failed", error=exc.message)
+            except Exception as exc:
+                log.warning("access_refresh_failed", error=getattr(exc, "message", repr(exc)))
 
     async def aclose(self) -> None:
         """Write what usage is left; close the limits' and the store's connections."""
@@ -117,96 +129,153 @@ class AccessControl:
             raise
 
     async def admit(self, caller: ApiKey | None, request: GenerationRequest) -> None:
-        """Check the key's model list, quotas, budgets and per-minute limits for a
-        generation or a task submission; raise ModelNotAllowed or QuotaExceeded."""
+        """Check the key's model list, quotas, budgets and per-minute limits for a task
+        submission (or the start of a call); raise ModelNotAllowed or QuotaExceeded."""
         if caller is None:
             return
         if caller.models and request.model not in caller.models:
             raise ModelNotAllowed(request.model)
-        limits = caller.limits
-        images = images_asked(request)
-        if (
-            limits.images_per_day is not None
-            or limits.budget_per_day_micros is not None
-            or limits.budget_per_month_micros is not None
-        ):
-            self._check_quotas(caller, request.model, images)
+        limits, images = caller.limits, images_asked(request)
+        self._check_quotas(caller, request.model, images)
         if limits.requests_per_minute is not None:
             await self._hit(caller, "requests_per_minute", limits.requests_per_minute, 1)
         if limits.images_per_minute is not None:
             await self._hit(caller, "images_per_minute", limits.images_per_minute, images)
 
+    @contextlib.asynccontextmanager
+    async def calling(
+        self, caller: ApiKey | None, request: GenerationRequest
+    ) -> AsyncIterator[None]:
+        """A synchronous generation: admitted, its most images and cost reserved against
+        the key's quotas, a concurrency slot held and the account's images taken, or
+        refused with QuotaExceeded."""
+        if caller is not None:
+            await self.admit(caller, request)
+        if self.account_ipm:
+            await self._account(request, wait=False)
+        if caller is None:
+            yield
+            return
+        slot = await self._slot(caller)
+        images, cost = self._reservation(request)
+        self.ledger.reserve(caller.name, images, cost)
+        try:
+            yield
+        finally:
+            self.ledger.reserve(caller.name, -images, -cost)
+            if slot is not None:
+                await self.slots.give_back(caller.name, slot)
+
+    @contextlib.asynccontextmanager
+    async def running(self, owner: str, request: GenerationRequest) -> AsyncIterator[None]:
+        """A task about to call the provider: its key still valid and within its quotas
+        (they are checked again: a queue must not spend past them), the account's images
+        waited for. A task never waits for its key's concurrency slot, which would hold a
+        worker every other key's tasks need."""
+        caller = self.keys.by_name(owner) if owner else None
+        if owner and caller is None:
+            raise KeyRevoked(owner)
+        if caller is not None:
+            self._check_quotas(caller, request.model, images_asked(request))
+        if self.account_ipm:
+            await self._account(request, wait=True)
+        if caller is None:
+            yield
+            return
+        images, cost = self._reservation(request)
+        self.ledger.reserve(caller.name, images, cost)
+        try:
+            yield
+        finally:
+            self.ledger.reserve(caller.name, -images, -cost)
+
+    def record(self, owner: str, result: GenerationResult) -> None:
+        """Count a generation that reached the provider against `owner`'s usage."""
+        usage = result.usage
+        images = usage.generated_images or sum(1 for image in result.images if image.ok)
+        self.ledger.record(owner, result.model, images=images, output_tokens=usage.output_tokens)
+
+    async def publish_budgets(self) -> None:
+        """Set each budgeted key's share of its budget used (called on each scrape)."""
+        gauge = self.metrics.budget_used
+        gauge.clear()  # revoked keys' series go
+        for key in self.keys.active:
+            totals = self.ledger.totals(key.name)
+            for period, budget, spent in (
+                ("day", key.limits.budget_per_day_micros, totals.cost_today_micros),
+                ("month", key.limits.budget_per_month_micros, totals.cost_month_micros),
+            ):
+                if budget:
+                    gauge.labels(key.name, period).set(spent / budget)
+
+    def _reservation(self, request: GenerationRequest) -> tuple[int, int]:
+        images = images_asked(request)
+        return images, self.prices.cost_micros(request.model, images)
+
     def _check_quotas(self, caller: ApiKey, model: str, images: int) -> None:
-        limits, totals = caller.limits, self.ledger.totals(caller.name)
-        cost = self.prices.cost_micros(model, images)
+        limits = caller.limits
+        if (
+            limits.images_per_day is None
+            and limits.budget_per_day_micros is None
+            and limits.budget_per_month_micros is None
+        ):
+            return
+        totals = self.ledger.totals(caller.name)
+        held_images, held_cost = self.ledger.reserved(caller.name)
+        used_today = totals.images_today + held_images
         quota = limits.images_per_day
-        if quota is not None and totals.images_today + images > quota:
+        if quota is not None and used_today + images > quota:
             self._refuse(
                 caller.name,
                 "images_per_day",
-                f"{totals.images_today} of {quota} images used today (UTC)",
-                seconds_to_midnight(),
+                f"{used_today} of {quota} images used or in progress today (UTC)",
+                seconds_to_midnight() if images <= quota else math.inf,
                 quota,
             )
-        budget = limits.budget_per_day_micros
-        if budget is not None and totals.cost_today_micros + cost > budget:
-            self._refuse(
-                caller.name,
-                "budget_per_day",
-                f"{self._money(totals.cost_today_micros)} of {self._money(budget)} spent "
-                f"today (UTC); this call may cost {self._money(cost)}",
-                seconds_to_midnight(),
-            )
-        budget = limits.budget_per_month_micros
-        if budget is not None and totals.cost_month_micros + cost > budget:
-            self._refuse(
-                caller.name,
+        cost = self.prices.cost_micros(model, images)
+        for limit, budget, spent, reset in (
+            ("budget_per_day", limits.budget_per_day_micros, totals.cost_today_micros, "today"),
+            (
                 "budget_per_month",
-                f"{self._money(totals.cost_month_micros)} of {self._money(budget)} spent "
-                f"this month (UTC); this call may cost {self._money(cost)}",
-                seconds_to_next_month(),
-            )
+                limits.budget_per_month_micros,
+                totals.cost_month_micros,
+                "this month",
+            ),
+        ):
+            if budget is not None and spent + held_cost + cost > budget:
+                wait = seconds_to_midnight() if reset == "today" else seconds_to_next_month()
+                self._refuse(
+                    caller.name,
+                    limit,
+                    f"{self._money(spent + held_cost)} of {self._money(budget)} spent or in "
+                    f"progress {reset} (UTC); this call may cost {self._money(cost)}",
+                    wait if cost <= budget else math.inf,
+                )
 
     async def _hit(self, caller: ApiKey, limit: str, per_minute: int, cost: int) -> None:
+        unit = "requests" if limit == "requests_per_minute" else "images"
+        if cost > per_minute:
+            self._refuse(caller.name, limit, f"{cost} {unit} never fit {per_minute} a minute",
+                         math.inf, per_minute)  # fmt: skip
         retry = await self.windows.hit(per_minute, cost, limit, caller.name)
         if retry is not None:
-            unit = "requests" if limit == "requests_per_minute" else "images"
             self._refuse(caller.name, limit, f"{per_minute} {unit} a minute", retry, per_minute)
 
-    @contextlib.asynccontextmanager
-    async def generating(
-        self, caller: ApiKey | None, request: GenerationRequest, *, wait: bool
-    ) -> AsyncIterator[None]:
-        """Hold a concurrency slot of the key and the account's images for the block.
-
-        `wait=False` (a call): refuse with QuotaExceeded when either is full.
-        `wait=True` (a task): wait until both are free, as a queued task would.
-        """
-        slot = await self._slot(caller, wait=wait) if caller is not None else None
-        try:
-            if self.account_ipm:
-                await self._account(request, wait=wait)
-            yield
-        finally:
-            if slot is not None and caller is not None:
-                await self.slots.give_back(caller.name, slot)
-
-    async def _slot(self, caller: ApiKey, *, wait: bool) -> str | None:
+    async def _slot(self, caller: ApiKey) -> str | None:
         limit = caller.limits.concurrency
         if limit is None:
             return None
-        delay = 0.1
-        while (token := await self.slots.take(caller.name, limit)) is None:
-            if not wait:
-                self._refuse(
-                    caller.name, "concurrency", f"{limit} generations at a time", 1.0, limit
-                )
-            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
-            delay = min(MAX_WAIT, delay * 2)
+        token = await self.slots.take(caller.name, limit)
+        if token is None:
+            self._refuse(caller.name, "concurrency", f"{limit} generations at a time", 1.0, limit)
         return token
 
     async def _account(self, request: GenerationRequest, *, wait: bool) -> None:
         per_minute, images = self.account_ipm, images_asked(request)
+        if images > per_minute:
+            self._refuse("", "upstream_images_per_minute",
+                         f"{images} images never fit the account's {per_minute} a minute",
+                         math.inf, per_minute)  # fmt: skip
         while (
             retry := await self.windows.hit(per_minute, images, ACCOUNT, request.model)
         ) is not None:
@@ -221,12 +290,6 @@ class AccessControl:
                 )
             await asyncio.sleep(min(retry, MAX_WAIT))
 
-    def record(self, owner: str, result: GenerationResult) -> None:
-        """Count a generation that reached the provider against `owner`'s usage."""
-        usage = result.usage
-        images = usage.generated_images or sum(1 for image in result.images if image.ok)
-        self.ledger.record(owner, result.model, images=images, output_tokens=usage.output_tokens)
-
     def _refuse(
         self, key: str, limit: str, description: str, retry_after: float, value: int = 0
     ) -> NoReturn:
@@ -234,17 +297,5 @@ class AccessControl:
         subject = f"key:{key}" if key else ACCOUNT
         raise QuotaExceeded(subject, limit, description, retry_after, value)
 
-    async def publish_budgets(self) -> None:
-        """Set each budgeted key's share of its budget used (called on each scrape)."""
-        gauge = self.metrics.budget_used
-        for key in self.keys.active:
-            totals = self.ledger.totals(key.name)
-            for period, budget, spent in (
-                ("day", key.limits.budget_per_day_micros, totals.cost_today_micros),
-                ("month", key.limits.budget_per_month_micros, totals.cost_month_micros),
-            ):
-                if budget:
-                    gauge.labels(key.name, period).set(spent / budget)
-
     def _money(self, micros: int) -> str:
-        return f"{micros / 1_000_000:.2f} {self.settings.price_currency}"
+        return f"{micros / MICROS:.2f} {self.settings.price_currency}"

@@ -3,21 +3,20 @@
 A key is `sia_` and 43 URL-safe characters (256 random bits). Only its
 SHA-256 is stored: a key has far too much entropy to guess from its hash, so
 a slow password hash would only cost CPU on every call. `KeyRing` holds the
-active keys by hash and reloads them from the access store every
+active keys by hash; the gate reloads it from the access store every
 KEYS_REFRESH_INTERVAL seconds, so a key created or revoked on any replica (or
 by `sia keys`) takes effect everywhere within that interval.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import re
 import secrets
 from typing import TYPE_CHECKING, Literal
 
-from sia.errors import InvalidArgument, SiaError, Unauthenticated
+from sia.errors import InvalidArgument, Unauthenticated
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
@@ -101,15 +100,6 @@ class KeyRing:
     def by_name(self, name: str) -> ApiKey | None:
         """The active key called `name`, as last loaded."""
         return self._names.get(name)
-
-    async def refresh_forever(self, interval: float) -> None:
-        """`refresh()` every `interval` seconds; a failing store keeps the last keys."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.refresh()
-            except SiaError as exc:
-                log.warning("api_keys_refresh_failed", error=exc.message)
 
     def authenticate(self, authorization: str | None) -> ApiKey | None:
         """The key presented in `authorization` (a metadata or header value).

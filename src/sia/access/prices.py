@@ -35,13 +35,6 @@ class PriceTable:
         prices = {**DEFAULT_PRICES, **(overrides or {})}
         self._micros = {model: round(price * MICROS) for model, price in prices.items()}
 
-    def image_micros(self, model: str) -> int:
-        """The price of one image of `model`, in micros."""
-        return self._micros.get(model, 0)
-
     def cost_micros(self, model: str, images: int) -> int:
         """The price of `images` images of `model`, in micros."""
         return self._micros.get(model, 0) * images
-
-    def __contains__(self, model: object) -> bool:
-        return model in self._micros

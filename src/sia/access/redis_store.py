@@ -34,12 +34,15 @@ from redis.exceptions import WatchError
 from sia.access.base import ApiKey, UsageEntry
 from sia.access.codec import COUNTERS, key_from_json, key_to_json, merge_usage, store_faults
 from sia.errors import AlreadyExists, ConfigError, NotFound, Unavailable
+from sia.logs import get_logger
 from sia.tasks.redis_queue import FAULTS, ping
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from datetime import datetime
     from types import TracebackType
+
+log = get_logger("sia.access")
 
 #: How long a day's usage is kept after its last write.
 RETENTION_DAYS = 400
@@ -125,7 +128,12 @@ class RedisAccessStore:
         redis = self._conn
         with store_faults("redis", *FAULTS):
             stored: dict[str, str] = await redis.hgetall(self._key("keys"))  # type: ignore[misc]
-        keys = [key_from_json(text) for text in stored.values()]
+        keys = []
+        for name, text in stored.items():
+            try:
+                keys.append(key_from_json(text))
+            except ValueError as exc:  # a damaged record must not hide every other key
+                log.error("api_key_unreadable", key_name=name, error=str(exc)[:200])
         return sorted(keys, key=lambda key: (key.created_at, key.name))
 
     async def record_usage(self, entries: Sequence[UsageEntry]) -> None:

@@ -67,6 +67,22 @@ class Ledger:
         self.metrics = metrics
         self._pending: dict[tuple[str, str, date], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         self._totals: dict[str, Totals] = {}
+        self._reserved: dict[str, tuple[int, int]] = {}
+        # A flush and a load must not overlap: a batch in flight is in neither's view.
+        self._lock = asyncio.Lock()
+
+    def reserve(self, key: str, images: int, cost_micros: int) -> None:
+        """Hold (or, negative, release) images and cost a call in flight may still use."""
+        held_images, held_cost = self._reserved.get(key, (0, 0))
+        held = (held_images + images, held_cost + cost_micros)
+        if held == (0, 0):
+            self._reserved.pop(key, None)
+        else:
+            self._reserved[key] = held
+
+    def reserved(self, key: str) -> tuple[int, int]:
+        """The images and cost `key`'s calls in flight here may still use."""
+        return self._reserved.get(key, (0, 0))
 
     def totals(self, key: str) -> Totals:
         """`key`'s totals for today and this month."""
@@ -97,6 +113,10 @@ class Ledger:
         """Write the pending batch to the store; on failure keep it for the next flush."""
         if not self._pending:
             return
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch, self._pending = self._pending, defaultdict(lambda: [0, 0, 0, 0])
         entries = [
             UsageEntry(key, model, day, *counts) for (key, model, day), counts in batch.items()
@@ -117,17 +137,12 @@ class Ledger:
             for index, count in enumerate(counts):
                 merged[index] += count
 
-    async def flush_forever(self, interval: float) -> None:
-        """`flush()` every `interval` seconds."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.flush()
-
     async def load(self) -> None:
         """Refresh the mirror from the store: this month's totals per key, plus what is
         recorded here but not yet stored."""
         day = today()
-        rows = await self.store.usage(None, day.replace(day=1), day)
+        async with self._lock:
+            rows = await self.store.usage(None, day.replace(day=1), day)
         totals: dict[str, Totals] = {}
         for key, model, row_day, images, cost in _with_pending(rows, self._pending, day):
             del model

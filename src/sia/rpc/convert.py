@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from sia.access.base import MICROS
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.domain import GenerationRequest, ResponseFormat, TaskStatus
 from sia.errors import InvalidArgument
@@ -212,7 +213,7 @@ def usage_response(
     )
     total = msg.total
     for row in rows:
-        cost = row.cost_micros / 1_000_000
+        cost = row.cost_micros / MICROS
         msg.models.add(
             model=row.model,
             requests=row.requests,

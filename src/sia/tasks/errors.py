@@ -16,6 +16,7 @@ from sia.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ProviderMisconfigured,
     ResourceExhausted,
     SiaError,
@@ -75,6 +76,6 @@ def _failure_level(exc: SiaError) -> str:
         return "error"  # a FailedPrecondition, but of the service's own key or account
     if isinstance(exc, ResourceExhausted):
         return "warning"
-    if isinstance(exc, InvalidArgument | NotFound | FailedPrecondition):
+    if isinstance(exc, InvalidArgument | NotFound | FailedPrecondition | PermissionDenied):
         return "info"
     return "error"  # Unavailable (the image store's too), DeadlineExceeded, a bare SiaError
