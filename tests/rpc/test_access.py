@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -24,6 +26,7 @@ from sia.logs import OUTPUT
 from sia.testing.fake_ark import FakeArk
 from tests.access.helpers import app_key, bearer
 from tests.helpers import TEST_SIZE
+from tests.tasks.backend_helpers import REDIS_URL, delete_queue_keys, require_redis
 from tests.waiting import until, within
 
 if TYPE_CHECKING:
@@ -287,9 +290,24 @@ async def test_a_bad_usage_period_names_the_field(app: App, stub: grpc_pb.ImageS
         assert _details(error, error_details_pb2.BadRequest)[0].field_violations[0].field == field
 
 
-async def test_a_daily_quota_survives_a_restart(make_settings: MakeSettings) -> None:
+@pytest.fixture(params=["sqlite", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
+    """Settings for each store keys and usage can live in: SQLite, or a Redis of the
+    test's own namespace."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    await require_redis()
+    queue = f"access-{uuid.uuid4().hex[:8]}"
+    yield {"task_backend": "redis", "redis_url": REDIS_URL, "redis_queue": queue}
+    await delete_queue_keys(queue)
+
+
+async def test_a_daily_quota_survives_a_restart(
+    make_settings: MakeSettings, backend: dict[str, Any]
+) -> None:
     """Images used before a restart still count against the day's quota after it."""
-    settings = make_settings()
+    settings = make_settings(**backend)
     async with App(settings) as app:
         key = await app_key(app, "daily", images_per_day=2)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
@@ -308,11 +326,11 @@ async def test_a_daily_quota_survives_a_restart(make_settings: MakeSettings) -> 
 
 
 async def test_a_key_revoked_in_the_store_is_refused_within_seconds(
-    make_settings: MakeSettings,
+    make_settings: MakeSettings, backend: dict[str, Any]
 ) -> None:
-    """A revoke made by another process (the CLI) reaches a running server by itself."""
-
-    settings = make_settings(keys_refresh_interval=1)
+    """A revoke made by another process (the CLI) reaches a running server by itself,
+    within KEYS_REFRESH_INTERVAL (the default, 5 s; the test allows 10)."""
+    settings = make_settings(**backend)
     async with App(settings) as app:
         key = await app_key(app, "leaked")
         cli_store = build_access_store(settings)
