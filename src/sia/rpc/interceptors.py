@@ -234,7 +234,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _enter(caller: ApiKey | None) -> None:
-    """Make `caller` the call's caller, for the servicer and the log lines."""
+    """Make `caller` the call's caller, for the servicer and the log lines (no reset is
+    needed: grpc.aio runs each call in a task of its own, with its own context)."""
     if caller is not None:
         CALLER.set(caller)
         KEY_NAME.set(caller.name)
