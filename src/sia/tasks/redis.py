@@ -12,12 +12,8 @@ the stored result (image bytes live in the blob store, never in Redis).
   period (-> task id): `sia:<queue>:request:<request_id>` for owner "" (the
   key it had before owners), `sia:<queue>:owner-request:<len(owner)>:<owner>:<request_id>`
   for the others; the length prefix keeps any two pairs apart.
-- Listing: `sia:<queue>:owner-tasks:<owner>` is a sorted set of the owner's
-  task ids scored by creation time (ms), added to on submit; each submit
-  renews its expiry (twice the retention) and trims entries older than
-  that. Entries whose job has expired are dropped when a listing meets them.
-  A listing reads at most `LIST_SCAN` entries per call, so a page filtered by
-  status may hold fewer tasks than asked for and still have a next page.
+- Listing: see `sia.tasks.redis_index`; each submit adds the task to its
+  owner's index, which a listing pages through newest first.
 - Crashes: a running job is touched every `heartbeat / 3` seconds; the sweep
   of any live replica (every `heartbeat / 2` seconds) re-queues a job whose
   replica stopped touching it, up to `max_attempts` attempts in all, so a
@@ -64,21 +60,14 @@ from sia.errors import (
 from sia.logs import get_logger
 from sia.providers.retry import upstream_call_limit
 from sia.tasks.base import TaskStats
-from sia.tasks.codec import (
-    bad_cursor,
-    cursor_from_text,
-    cursor_to_text,
-    request_from_json,
-    request_to_json,
-    result_from_json,
-    result_to_json,
-)
+from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
 from sia.tasks.errors import CANCELLED, INTERNAL, abandoned, runner_failure, store_errors
+from sia.tasks.redis_index import OwnerIndex
 from sia.tasks.redis_queue import FAULTS as _FAULTS
 from sia.tasks.redis_queue import JobQueue, JobWorker, check_persistence, ping
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from sia.domain import GenerationRequest
     from sia.metrics import Metrics
@@ -95,12 +84,6 @@ _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 1.0,
     "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), retries=2),
 }
-
-#: The most index entries one `list` call reads: the bound on its work when a status
-#: filter (or expired entries) leaves most of them out.
-LIST_SCAN = 250
-#: Index entries read per round when filtering by status (jobs are fetched per round).
-_LIST_BATCH = 50
 
 _STATUSES = {
     Status.NEW: TaskStatus.QUEUED,
@@ -140,6 +123,7 @@ class RedisTaskBackend:
         self._heartbeat = max(1.0, heartbeat)
         self._max_attempts = max_attempts
         self._metrics = metrics
+        self._owners = OwnerIndex(queue, kept=self._retention * 2)
         self._redis: aioredis.Redis | None = None
         self._queue: JobQueue | None = None
         self._worker: JobWorker | None = None
@@ -216,19 +200,8 @@ class RedisTaskBackend:
             enqueued = await queue.enqueue(job)
             if enqueued is None:  # pragma: no cover - a fresh random key cannot collide
                 raise Unavailable("the task could not be queued; retry")
-            await self._index(owner, task_id, enqueued.queued)
+            await self._owners.add(redis, owner, task_id, enqueued.queued)
         return self._task(enqueued, cancelled=False)
-
-    async def _index(self, owner: str, task_id: str, created_ms: int) -> None:
-        """Add a task to its owner's listing; renew the set's expiry and trim its old entries."""
-        _, redis = self._conn
-        kept = self._retention * 2
-        async with redis.pipeline(transaction=True) as pipe:
-            index = self._key("owner-tasks", owner)
-            pipe.zadd(index, {task_id: created_ms})
-            pipe.zremrangebyscore(index, "-inf", f"({created_ms - kept * 1000}")
-            pipe.expire(index, kept)
-            await pipe.execute()
 
     def _claim_key(self, owner: str, request_id: str) -> str:
         """The key claiming `request_id` for `owner` (see the module docstring)."""
@@ -258,46 +231,20 @@ class RedisTaskBackend:
     ) -> tuple[list[Task], str]:
         """`owner`'s tasks (or those in `status`) newest first, and the next page's cursor.
 
-        Reads at most max(LIST_SCAN, limit) entries of the owner's index: a
-        page may hold fewer than `limit` tasks while the cursor is not "".
-        The cursor holds the (score, id) of the last entry read.
+        Reads at most max(LIST_SCAN, limit) entries of the owner's index (see
+        `sia.tasks.redis_index`): a page may hold fewer than `limit` tasks
+        while the cursor is not "". The cursor holds the (score, id) of the
+        last entry read.
         """
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        position = _position(after) if after else None
         _, redis = self._conn
-        index = self._key("owner-tasks", owner)
-        budget = max(LIST_SCAN, limit)
-        page: list[Task] = []
-        expired: list[bytes] = []
-        scanned, more = 0, True
         with store_errors(*_FAULTS):
-            while more and len(page) < limit and scanned < budget:
-                need = limit - len(page)
-                want = min(budget - scanned, need if status is None else max(need, _LIST_BATCH))
-                entries = await self._entries_after(index, position, want + 1)
-                more, entries = len(entries) > want, entries[:want]  # one more: is there a next?
-                tasks = await self._listed(member for member, _ in entries)
-                for n, (member, score) in enumerate(entries):
-                    if len(page) == limit:  # is any task left in this batch for the next page?
-                        more = more or any(_shown(task, status) for task in tasks[n:])
-                        break
-                    position, scanned = (score, member), scanned + 1
-                    task = tasks[n]
-                    if task is None:
-                        expired.append(member)
-                    elif _shown(task, status):
-                        page.append(task)
-            if expired:
-                await redis.zrem(index, *expired)
-        if not more or position is None:
-            return page, ""
-        return page, cursor_to_text(str(position[0]), position[1].decode())
+            return await self._owners.page(
+                redis, owner, self._listed, status=status, limit=limit, after=after
+            )
 
-    async def _listed(self, members: Iterable[bytes]) -> Sequence[Task | None]:
-        """The tasks of index entries, in one MGET; None for each whose job has expired."""
+    async def _listed(self, ids: Sequence[str]) -> Sequence[Task | None]:
+        """The tasks of `ids`, in one MGET; None for each whose job has expired."""
         queue, redis = self._conn
-        ids = [member.decode() for member in members]
         if not ids:
             return []
         keys = [queue.job_id(task_id) for task_id in ids]
@@ -308,27 +255,6 @@ class RedisTaskBackend:
             None if job is None else self._task(job, cancelled=marker is not None)
             for job, marker in zip(jobs, markers, strict=True)
         ]
-
-    async def _entries_after(
-        self, index: str, position: tuple[int, bytes] | None, count: int
-    ) -> Sequence[tuple[bytes, int]]:
-        """Up to `count` (id, score) entries of `index` after `position`, newest first.
-
-        Entries of one score come in descending id order (Redis's), so the
-        position's own score is read whole and cut at its id.
-        """
-        _, redis = self._conn
-        if position is None:
-            found = await redis.zrevrange(index, 0, count - 1, withscores=True)
-            return [(member, int(score)) for member, score in found]
-        score, last = position
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.zrevrangebyscore(index, score, score)
-            pipe.zrevrangebyscore(index, f"({score}", "-inf", start=0, num=count, withscores=True)
-            ties, older = await pipe.execute()
-        entries = [(member, score) for member in ties if member < last]
-        entries += [(member, int(older_score)) for member, older_score in older]
-        return entries[:count]
 
     async def get(self, task_id: str) -> Task:
         """The task as stored in Redis (any replica's)."""
@@ -504,20 +430,6 @@ def _failure(job: Job) -> ImageError:
 
 class _Abandoned(Exception):
     """Raised to make saq fail a job that has used up its attempts."""
-
-
-def _shown(task: Task | None, status: TaskStatus | None) -> bool:
-    """Whether a listing filtered by `status` (None: none) shows `task` (None: expired)."""
-    return task is not None and (status is None or task.status is status)
-
-
-def _position(after: str) -> tuple[int, bytes]:
-    """The (score, id) of the index entry a cursor from `list` resumes after."""
-    score, task_id = cursor_from_text(after)
-    try:
-        return int(score), task_id.encode()
-    except ValueError as exc:
-        raise bad_cursor() from exc
 
 
 def _time(millis: int) -> datetime | None:
