@@ -144,6 +144,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        self._usage_children: dict[tuple[str, str], tuple[Any, ...]] = {}
         r = self.registry
         rpc = ("grpc_type", "grpc_service", "grpc_method")
         self.rpc_started = LoopMetric(
@@ -284,13 +285,25 @@ class Metrics:
 
     def count_usage(self, key: str, model: str, images: int, tokens: int, micros: int) -> None:
         """Add one generation to the per-key usage counters."""
-        self.key_requests.labels(key, model).inc()
+        children = self._usage_children.get((key, model))
+        if children is None:  # one set per key and model: labels() costs more than inc()
+            children = self._usage_children[key, model] = tuple(
+                counter.labels(key, model)
+                for counter in (
+                    self.key_requests,
+                    self.key_images,
+                    self.key_output_tokens,
+                    self.key_spend,
+                )
+            )
+        requests, images_counter, tokens_counter, spend = children
+        requests.inc()
         if images:
-            self.key_images.labels(key, model).inc(images)
+            images_counter.inc(images)
         if tokens:
-            self.key_output_tokens.labels(key, model).inc(tokens)
+            tokens_counter.inc(tokens)
         if micros:
-            self.key_spend.labels(key, model).inc(micros / MICROS)
+            spend.inc(micros / MICROS)
 
     def set_task_stats(self, backend: str, stats: TaskStats) -> None:
         """Publish a task backend's counts by status and its queue's depth and age."""

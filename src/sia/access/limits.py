@@ -1,7 +1,9 @@
 """Rate limits and concurrency slots, counted in memory or in the Redis replicas share.
 
 Requests and images per minute (per key) and the account's images per
-minute (per model) are moving windows of the `limits` package: in its memory
+minute (per model) are sliding-window counters of the `limits` package (two
+counters per window, whatever the rate: a moving window keeps a timestamp per
+hit, O(limit) memory and time per call): in its memory
 storage for one replica, in its Redis storage when replicas share Redis, so
 the first N calls pass across all of them and call N+1 is refused whichever
 replica takes it. Concurrency slots are counted here: a counter in memory, or
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from limits import RateLimitItemPerMinute
 from limits.aio.storage import MemoryStorage, RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.exceptions import RedisError
 
 from sia.errors import Unavailable
@@ -110,10 +112,10 @@ class RedisSlots:
 
 
 class Windows:
-    """Moving one-minute windows: `hit` takes `cost` from a window, or says when to retry."""
+    """Sliding one-minute windows: `hit` takes `cost` from a window, or says when to retry."""
 
     def __init__(self, storage: MemoryStorage | RedisStorage) -> None:
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._items: dict[int, RateLimitItemPerMinute] = {}
 
     async def hit(self, per_minute: int, cost: int, *names: str) -> float | None:
