@@ -79,7 +79,7 @@ async def test_the_account_limit_refuses_calls_and_holds_tasks(
             "account",
             "upstream_images_per_minute",
         )
-        assert 0 < refused.value.retry_after <= 60
+        assert 0 < refused.value.retry_after <= 120  # a sliding window: up to two minutes
         task = await app.service.submit(_request())
         await asyncio.sleep(1.5)  # a worker took it long since: it waits for the window
         waiting = await app.service.get_task(task.id)

@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sia.access.gate import AccessControl
-from sia.access.limits import MemorySlots, RedisSlots, Slots, memory_windows, redis_windows
+from sia.access.limits import (
+    MemorySlots,
+    MemoryWindows,
+    RedisSlots,
+    Slots,
+    Windows,
+    redis_windows,
+)
 
 #: Fail fast when Redis hangs: a limit that cannot be counted is UNAVAILABLE, not a wait.
 LIMITS_CLIENT: dict[str, Any] = {"socket_connect_timeout": 1.0, "socket_timeout": 2.0}
@@ -39,9 +46,9 @@ def build_access(settings: Settings, metrics: Metrics) -> AccessControl:
 
         client = aioredis.from_url(settings.redis_url.get_secret_value(), **LIMITS_CLIENT)
         prefix = f"sia:{settings.redis_queue}:limits:"
-        windows = redis_windows(client, prefix)
+        windows: Windows = redis_windows(client, prefix)
         slot_ttl = settings.image_timeout + 60  # a dead replica's slots free themselves
         slots: Slots = RedisSlots(client, prefix + "slots:", slot_ttl)  # closes the client
     else:
-        windows, slots = memory_windows(), MemorySlots()
+        windows, slots = MemoryWindows(), MemorySlots()
     return AccessControl(settings, store, metrics, windows=windows, slots=slots)

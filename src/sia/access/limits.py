@@ -1,14 +1,19 @@
 """Rate limits and concurrency slots, counted in memory or in the Redis replicas share.
 
 Requests and images per minute (per key) and the account's images per
-minute (per model) are sliding-window counters of the `limits` package (two
-counters per window, whatever the rate: a moving window keeps a timestamp per
-hit, O(limit) memory and time per call): in its memory
-storage for one replica, in its Redis storage when replicas share Redis, so
-the first N calls pass across all of them and call N+1 is refused whichever
-replica takes it. Concurrency slots are counted here: a counter in memory, or
-a sorted set per key in Redis whose members expire, so a replica that dies
-holding slots frees them after `slot_ttl` seconds.
+minute (per model) are sliding-window counters: this minute's count plus the
+last minute's, weighted by how much of it is still within 60 s. Two counters
+per window whatever the rate (a moving window keeps a timestamp per hit,
+O(limit) memory and time per call). When replicas share Redis they count in
+the `limits` package's Redis storage, so the first N calls pass across all of
+them and call N+1 is refused whichever replica takes it. One replica counts
+in `MemoryWindows`, the same algorithm as a dict of tuples: `limits`' memory
+storage starts an asyncio task per hit to expire its entries, which cost a
+keyed call about a fifth more CPU than an open one (bench/README.md).
+
+Concurrency slots are counted here: a counter in memory, or a sorted set per
+key in Redis whose members expire, so a replica that dies holding slots frees
+them after `slot_ttl` seconds.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from math import floor
 from typing import TYPE_CHECKING, Protocol
 
 from limits import RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage, RedisStorage
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.exceptions import RedisError
 
@@ -30,6 +36,8 @@ if TYPE_CHECKING:
 
 #: Shortest RetryInfo a limit gives: a window's reset time can be a moment away.
 MIN_RETRY = 0.05
+#: Seconds in a window.
+WINDOW = 60.0
 _FAULTS = (RedisError, OSError, ConnectionError, TimeoutError)
 
 
@@ -111,10 +119,43 @@ class RedisSlots:
         await self._redis.aclose()
 
 
-class Windows:
+class Windows(Protocol):
     """Sliding one-minute windows: `hit` takes `cost` from a window, or says when to retry."""
 
-    def __init__(self, storage: MemoryStorage | RedisStorage) -> None:
+    async def hit(self, per_minute: int, cost: int, *names: str) -> float | None:
+        """Take `cost` from the window of `names` (at most `per_minute` a minute): None
+        when taken, else the seconds until `cost` may fit."""
+        ...
+
+
+class MemoryWindows:
+    """Sliding-window counters in this process: (minute, last minute's count, this
+    minute's count) per window. Windows are named by keys and models, so they are few."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, ...], tuple[int, int, int]] = {}
+
+    async def hit(self, per_minute: int, cost: int, *names: str) -> float | None:
+        now = time.time()
+        minute, into = divmod(now, WINDOW)
+        index = int(minute)
+        seen, previous, current = self._counts.get(names, (index, 0, 0))
+        if seen != index:  # a new minute: this one's count becomes the last one's
+            previous, current = (current if seen == index - 1 else 0), 0
+        room = per_minute - cost
+        if floor(previous * (WINDOW - into) / WINDOW) + current <= room:
+            self._counts[names] = (index, previous, current + cost)
+            return None
+        if current <= room:  # the last minute's share decays enough within this one
+            return max(MIN_RETRY, WINDOW * (1 - (room - current) / previous) - into)
+        # Not before this minute ends, and then until its own share has decayed enough.
+        return WINDOW - into + max(MIN_RETRY, WINDOW * (1 - max(room, 0) / current))
+
+
+class RedisWindows:
+    """Sliding-window counters in Redis, through the `limits` package."""
+
+    def __init__(self, storage: RedisStorage) -> None:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._items: dict[int, RateLimitItemPerMinute] = {}
 
@@ -133,14 +174,9 @@ class Windows:
         return max(MIN_RETRY, reset - time.time())
 
 
-def memory_windows() -> Windows:
-    """Windows in this process's memory."""
-    return Windows(MemoryStorage())
-
-
-def redis_windows(client: aioredis.Redis, prefix: str) -> Windows:
+def redis_windows(client: aioredis.Redis, prefix: str) -> RedisWindows:
     """Windows in the Redis of `client` (sharing its connections), keys under `prefix`."""
-    return Windows(
+    return RedisWindows(
         RedisStorage(
             "async+redis://",  # the connection pool below decides where
             implementation="redispy",
