@@ -32,6 +32,15 @@ class KeyLimits:
     budget_per_day_micros: int | None = None
     budget_per_month_micros: int | None = None
 
+    @property
+    def quotas(self) -> bool:
+        """True when a daily images quota or a budget is set (they count usage)."""
+        return (
+            self.images_per_day is not None
+            or self.budget_per_day_micros is not None
+            or self.budget_per_month_micros is not None
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:

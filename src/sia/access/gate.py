@@ -142,29 +142,11 @@ class AccessControl:
         if limits.images_per_minute is not None:
             await self._hit(caller, "images_per_minute", limits.images_per_minute, images)
 
-    @contextlib.asynccontextmanager
-    async def calling(
-        self, caller: ApiKey | None, request: GenerationRequest
-    ) -> AsyncIterator[None]:
-        """A synchronous generation: admitted, its most images and cost reserved against
-        the key's quotas, a concurrency slot held and the account's images taken, or
-        refused with QuotaExceeded."""
-        if caller is not None:
-            await self.admit(caller, request)
-        if self.account_ipm:
-            await self._account(request, wait=False)
-        if caller is None:
-            yield
-            return
-        slot = await self._slot(caller)
-        images, cost = self._reservation(request)
-        self.ledger.reserve(caller.name, images, cost)
-        try:
-            yield
-        finally:
-            self.ledger.reserve(caller.name, -images, -cost)
-            if slot is not None:
-                await self.slots.give_back(caller.name, slot)
+    def calling(self, caller: ApiKey | None, request: GenerationRequest) -> Calling:
+        """A synchronous generation, as `async with`: admitted, a concurrency slot held,
+        its most images and cost reserved against the key's quotas and the account's
+        images taken, or refused with QuotaExceeded."""
+        return Calling(self, caller, request)
 
     @contextlib.asynccontextmanager
     async def running(self, owner: str, request: GenerationRequest) -> AsyncIterator[None]:
@@ -179,7 +161,7 @@ class AccessControl:
             self._check_quotas(caller, request.model, images_asked(request))
         if self.account_ipm:
             await self._account(request, wait=True)
-        if caller is None:
+        if caller is None or not caller.limits.quotas:
             yield
             return
         images, cost = self._reservation(request)
@@ -214,11 +196,7 @@ class AccessControl:
 
     def _check_quotas(self, caller: ApiKey, model: str, images: int) -> None:
         limits = caller.limits
-        if (
-            limits.images_per_day is None
-            and limits.budget_per_day_micros is None
-            and limits.budget_per_month_micros is None
-        ):
+        if not limits.quotas:
             return
         totals = self.ledger.totals(caller.name)
         held_images, held_cost = self.ledger.reserved(caller.name)
@@ -299,3 +277,45 @@ class AccessControl:
 
     def _money(self, micros: int) -> str:
         return f"{micros / MICROS:.2f} {self.settings.price_currency}"
+
+
+class Calling:
+    """What a synchronous generation holds while it runs (see `AccessControl.calling`).
+
+    A class rather than an @asynccontextmanager generator: it runs on every keyed
+    call, and a class is the cheaper of the two.
+    """
+
+    __slots__ = ("_access", "_caller", "_request", "_reserved", "_slot")
+
+    def __init__(
+        self, access: AccessControl, caller: ApiKey | None, request: GenerationRequest
+    ) -> None:
+        self._access = access
+        self._caller = caller
+        self._request = request
+        self._reserved = (0, 0)
+        self._slot: str | None = None
+
+    async def __aenter__(self) -> None:
+        access, caller, request = self._access, self._caller, self._request
+        if caller is not None:
+            await access.admit(caller, request)
+        if access.account_ipm:
+            await access._account(request, wait=False)
+        if caller is None:
+            return
+        self._slot = await access._slot(caller)
+        if caller.limits.quotas:
+            self._reserved = access._reservation(request)
+            access.ledger.reserve(caller.name, *self._reserved)
+
+    async def __aexit__(self, *_: object) -> None:
+        caller = self._caller
+        if caller is None:
+            return
+        if self._reserved != (0, 0):
+            images, cost = self._reserved
+            self._access.ledger.reserve(caller.name, -images, -cost)
+        if self._slot is not None:
+            await self._access.slots.give_back(caller.name, self._slot)
