@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     http_tls_key_file: Path | None = None
     tls_reload_interval: Annotated[float, Field(gt=0)] = 30.0
 
+    # Webhooks (docs/clients.md#webhooks).
+    webhook_secret: SecretStr | None = None  # whsec_<base64>; webhooks are refused without it
+    webhook_allow_private: bool = False  # loopback, private, link-local and metadata addresses
+    webhook_retry_period: Annotated[float, Field(gt=0)] = 86400.0
+    webhook_timeout: Annotated[float, Field(gt=0, le=60)] = 10.0
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -167,6 +173,7 @@ class Settings(BaseSettings):
         "s3_secret_access_key",
         "metrics_token",
         "image_url_secret",
+        "webhook_secret",
         "grpc_tls_cert_file",
         "grpc_tls_key_file",
         "grpc_tls_client_ca_file",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import random
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -57,6 +58,8 @@ class GenerationRequest:
     guidance_scale: float | None = None
     max_images: int | None = None
     request_id: str = ""
+    webhook_url: str = ""  # async only: where task events are POSTed (validated, http(s))
+    webhook_images: bool = False  # also an event per image of a group, not only at the end
 
     @property
     def sequential(self) -> bool:
@@ -146,3 +149,7 @@ def new_request_id() -> str:
 def new_task_id() -> str:
     """A fresh, unguessable task id: `task_` and 24 URL-safe characters."""
     return "task_" + secrets.token_urlsafe(18)
+
+
+#: What a provider calls with each image of a group as it arrives (streams, task progress).
+OnImage = Callable[[GeneratedImage], Awaitable[None]]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from sia.domain import GenerationRequest, GenerationResult
+    from sia.domain import GenerationRequest, GenerationResult, OnImage
     from sia.models import ModelSpec
 
 
@@ -30,8 +30,16 @@ class ImageProvider(Protocol):
         """The models this provider serves, by id."""
         ...
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
-        """Generate the images of `request`, giving up after `timeout` seconds."""
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, on_image: OnImage | None = None
+    ) -> GenerationResult:
+        """Generate the images of `request`, giving up after `timeout` seconds.
+
+        `on_image` is awaited with each image (or per-image error) as soon as the
+        provider has it, in the order produced, before `generate` returns them all:
+        a streamed group as each event arrives, others as they are made. It is
+        never called for an attempt that is then retried.
+        """
         ...
 
     async def aclose(self) -> None:

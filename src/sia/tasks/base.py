@@ -31,6 +31,23 @@ class TaskStats:
 Runner: TypeAlias = Callable[[Task], Awaitable[GenerationResult]]
 
 
+class TaskWatch(Protocol):
+    """An open subscription to one task's changes; `async with` it, then await `changed()`.
+
+    Changes are coalesced: one `changed()` may stand for several. A watch costs no
+    polling: Redis delivers changes through one pub/sub connection per replica,
+    SQLite through in-process notification.
+    """
+
+    async def __aenter__(self) -> TaskWatch: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def changed(self) -> None:
+        """Return once the task has changed since the last call (or since opening)."""
+        ...
+
+
 class TaskBackend(Protocol):
     """Stores tasks, runs them with bounded concurrency, and answers for them.
 
@@ -84,6 +101,16 @@ class TaskBackend(Protocol):
         Raises sia.errors.TaskNotFound, or sia.errors.TaskNotCancellable when
         the task has already finished.
         """
+        ...
+
+    async def progress(self, task_id: str, result: GenerationResult) -> None:
+        """Store the images a RUNNING task has so far (GetImageTask shows them while it
+        still runs) and tell its watchers; nothing when the task is no longer running."""
+        ...
+
+    def watch(self, task_id: str) -> TaskWatch:
+        """A subscription to changes of `task_id` (any replica's): status, progress,
+        the end. Open it before reading the task's state, so no change falls between."""
         ...
 
     async def stats(self) -> TaskStats:

@@ -47,6 +47,8 @@ def request_to_json(request: GenerationRequest) -> str:
             "guidance_scale": request.guidance_scale,
             "max_images": request.max_images,
             "request_id": request.request_id,
+            "webhook_url": request.webhook_url,
+            "webhook_images": request.webhook_images,
         }
     )
 
@@ -65,6 +67,8 @@ def request_from_json(text: str) -> GenerationRequest:
         guidance_scale=data.get("guidance_scale"),
         max_images=data.get("max_images"),
         request_id=data.get("request_id", ""),
+        webhook_url=data.get("webhook_url", ""),
+        webhook_images=data.get("webhook_images", False),
     )
 
 

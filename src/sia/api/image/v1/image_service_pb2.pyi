@@ -148,6 +148,7 @@ class GenerateImageRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """What to draw. Required; at most 4,000 characters."""
     model: _builtins.str
@@ -177,6 +178,11 @@ class GenerateImageRequest(_message.Message):
     request with it is refused (ALREADY_EXISTS, naming the first task).
     At most 128 characters.
     """
+    webhook_url: _builtins.str
+    """GenerateImageAsync only: an http(s) URL that receives a signed POST
+    (Standard Webhooks) when the task ends. At most 2,048 characters; private
+    and loopback addresses are refused unless the server allows them.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Reference images for image-to-image, each an http(s) URL or a
@@ -195,10 +201,11 @@ class GenerateImageRequest(_message.Message):
         guidance_scale: _builtins.float | None = ...,
         response_format: Global___ResponseFormat.ValueType = ...,
         request_id: _builtins.str = ...,
+        webhook_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_watermark", b"_watermark", "guidance_scale", b"guidance_scale", "seed", b"seed", "watermark", b"watermark"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_watermark", b"_watermark", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "seed", b"seed", "size", b"size", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "_watermark", b"_watermark", "guidance_scale", b"guidance_scale", "images", b"images", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "seed", b"seed", "size", b"size", "watermark", b"watermark", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -228,6 +235,9 @@ class GenerateSequentialImagesRequest(_message.Message):
     IMAGES_FIELD_NUMBER: _builtins.int
     MAX_IMAGES_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    WEBHOOK_EACH_IMAGE_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """What to draw. Required; at most 4,000 characters."""
     model: _builtins.str
@@ -242,6 +252,18 @@ class GenerateSequentialImagesRequest(_message.Message):
     """
     response_format: Global___ResponseFormat.ValueType
     """How to return the images. Unset: URLs."""
+    request_id: _builtins.str
+    """GenerateSequentialImagesAsync only: the idempotency key, as in
+    GenerateImageRequest.request_id.
+    """
+    webhook_url: _builtins.str
+    """GenerateSequentialImagesAsync only: where task events are POSTed, as in
+    GenerateImageRequest.webhook_url.
+    """
+    webhook_each_image: _builtins.bool
+    """With webhook_url: also POST an event for each image as it is produced,
+    not only when the task ends.
+    """
     @_builtins.property
     def images(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Reference images, as in GenerateImageRequest.images. Reference images
@@ -258,10 +280,13 @@ class GenerateSequentialImagesRequest(_message.Message):
         images: _abc.Iterable[_builtins.str] | None = ...,
         max_images: _builtins.int | None = ...,
         response_format: Global___ResponseFormat.ValueType = ...,
+        request_id: _builtins.str = ...,
+        webhook_url: _builtins.str = ...,
+        webhook_each_image: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_images", b"_max_images", "_watermark", b"_watermark", "max_images", b"max_images", "watermark", b"watermark"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_images", b"_max_images", "_watermark", b"_watermark", "images", b"images", "max_images", b"max_images", "model", b"model", "prompt", b"prompt", "response_format", b"response_format", "size", b"size", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_images", b"_max_images", "_watermark", b"_watermark", "images", b"images", "max_images", b"max_images", "model", b"model", "prompt", b"prompt", "request_id", b"request_id", "response_format", b"response_format", "size", b"size", "watermark", b"watermark", "webhook_each_image", b"webhook_each_image", "webhook_url", b"webhook_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_images: _TypeAlias = _typing.Literal["max_images"]  # noqa: Y015
     _WhichOneofArgType__max_images: _TypeAlias = _typing.Literal["_max_images", b"_max_images"]  # noqa: Y015
@@ -800,3 +825,91 @@ class GetUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetUsageResponse: _TypeAlias = GetUsageResponse  # noqa: Y015
+
+@_typing.final
+class StreamSequentialImagesResponse(_message.Message):
+    """StreamSequentialImagesResponse is one event of a streamed group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    COMPLETED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def image(self) -> Global___Image:
+        """One image, or its per-image error, with its index in the group."""
+
+    @_builtins.property
+    def completed(self) -> Global___StreamCompleted:
+        """The group is done: always the last message."""
+
+    def __init__(
+        self,
+        *,
+        image: Global___Image | None = ...,
+        completed: Global___StreamCompleted | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "event", b"event", "image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "event", b"event", "image", b"image"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["image", "completed"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___StreamSequentialImagesResponse: _TypeAlias = StreamSequentialImagesResponse  # noqa: Y015
+
+@_typing.final
+class StreamCompleted(_message.Message):
+    """StreamCompleted ends a streamed group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model that generated the images."""
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """What the generation consumed."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When the provider finished the generation."""
+
+    def __init__(
+        self,
+        *,
+        usage: Global___Usage | None = ...,
+        model: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "model", b"model", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamCompleted: _TypeAlias = StreamCompleted  # noqa: Y015
+
+@_typing.final
+class WatchImageTaskRequest(_message.Message):
+    """WatchImageTaskRequest names the task to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Task id returned by GenerateImageAsync or GenerateSequentialImagesAsync."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchImageTaskRequest: _TypeAlias = WatchImageTaskRequest  # noqa: Y015

@@ -82,6 +82,21 @@ class ImageServiceStub:
                 request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.StreamSequentialImages = channel.unary_stream(
+                '/image.v1.ImageService/StreamSequentialImages',
+                request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateSequentialImagesRequest.SerializeToString,
+                response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.StreamSequentialImagesResponse.FromString,
+                _registered_method=True)
+        self.GenerateSequentialImagesAsync = channel.unary_unary(
+                '/image.v1.ImageService/GenerateSequentialImagesAsync',
+                request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateSequentialImagesRequest.SerializeToString,
+                response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateImageAsyncResponse.FromString,
+                _registered_method=True)
+        self.WatchImageTask = channel.unary_stream(
+                '/image.v1.ImageService/WatchImageTask',
+                request_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.WatchImageTaskRequest.SerializeToString,
+                response_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetImageTaskResponse.FromString,
+                _registered_method=True)
 
 
 class ImageServiceServicer:
@@ -157,6 +172,34 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamSequentialImages(self, request, context):
+        """StreamSequentialImages generates a group like GenerateSequentialImages but
+        sends each image (or its per-image error) the moment the provider has it,
+        in the order produced, then one `completed` message with the usage and the
+        model. Cancelling the call, or its deadline passing, ends the generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateSequentialImagesAsync(self, request, context):
+        """GenerateSequentialImagesAsync stores a group as a task, like
+        GenerateImageAsync. While it runs, GetImageTask already shows the images
+        finished so far.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchImageTask(self, request, context):
+        """WatchImageTask sends the task's state at once, then again at every change
+        (RUNNING, each new image of a group, the end), and ends after the final
+        state. A task that has already ended gets one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +242,21 @@ def add_ImageServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageRequest.FromString,
                     response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'StreamSequentialImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamSequentialImages,
+                    request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateSequentialImagesRequest.FromString,
+                    response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.StreamSequentialImagesResponse.SerializeToString,
+            ),
+            'GenerateSequentialImagesAsync': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateSequentialImagesAsync,
+                    request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateSequentialImagesRequest.FromString,
+                    response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateImageAsyncResponse.SerializeToString,
+            ),
+            'WatchImageTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchImageTask,
+                    request_deserializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.WatchImageTaskRequest.FromString,
+                    response_serializer=sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetImageTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -425,6 +483,87 @@ class ImageService:
             '/image.v1.ImageService/GetUsage',
             sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageRequest.SerializeToString,
             sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamSequentialImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/image.v1.ImageService/StreamSequentialImages',
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateSequentialImagesRequest.SerializeToString,
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.StreamSequentialImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateSequentialImagesAsync(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/image.v1.ImageService/GenerateSequentialImagesAsync',
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateSequentialImagesRequest.SerializeToString,
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GenerateImageAsyncResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchImageTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/image.v1.ImageService/WatchImageTask',
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.WatchImageTaskRequest.SerializeToString,
+            sia_dot_api_dot_image_dot_v1_dot_image__service__pb2.GetImageTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,22 @@ class ImageServiceStub:
     """ListImageTasks lists the caller's own tasks, newest first, a page at a time."""
     GetUsage: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GetUsageRequest, _image_service_pb2.GetUsageResponse]
     """GetUsage reports what the caller's key has used and spent, per model."""
+    StreamSequentialImages: _grpc.UnaryStreamMultiCallable[_image_service_pb2.GenerateSequentialImagesRequest, _image_service_pb2.StreamSequentialImagesResponse]
+    """StreamSequentialImages generates a group like GenerateSequentialImages but
+    sends each image (or its per-image error) the moment the provider has it,
+    in the order produced, then one `completed` message with the usage and the
+    model. Cancelling the call, or its deadline passing, ends the generation.
+    """
+    GenerateSequentialImagesAsync: _grpc.UnaryUnaryMultiCallable[_image_service_pb2.GenerateSequentialImagesRequest, _image_service_pb2.GenerateImageAsyncResponse]
+    """GenerateSequentialImagesAsync stores a group as a task, like
+    GenerateImageAsync. While it runs, GetImageTask already shows the images
+    finished so far.
+    """
+    WatchImageTask: _grpc.UnaryStreamMultiCallable[_image_service_pb2.WatchImageTaskRequest, _image_service_pb2.GetImageTaskResponse]
+    """WatchImageTask sends the task's state at once, then again at every change
+    (RUNNING, each new image of a group, the end), and ends after the final
+    state. A task that has already ended gets one message.
+    """
 
 @_typing.type_check_only
 class ImageServiceAsyncStub(ImageServiceStub):
@@ -110,6 +126,22 @@ class ImageServiceAsyncStub(ImageServiceStub):
     """ListImageTasks lists the caller's own tasks, newest first, a page at a time."""
     GetUsage: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GetUsageRequest, _image_service_pb2.GetUsageResponse]  # type: ignore[assignment]
     """GetUsage reports what the caller's key has used and spent, per model."""
+    StreamSequentialImages: _aio.UnaryStreamMultiCallable[_image_service_pb2.GenerateSequentialImagesRequest, _image_service_pb2.StreamSequentialImagesResponse]  # type: ignore[assignment]
+    """StreamSequentialImages generates a group like GenerateSequentialImages but
+    sends each image (or its per-image error) the moment the provider has it,
+    in the order produced, then one `completed` message with the usage and the
+    model. Cancelling the call, or its deadline passing, ends the generation.
+    """
+    GenerateSequentialImagesAsync: _aio.UnaryUnaryMultiCallable[_image_service_pb2.GenerateSequentialImagesRequest, _image_service_pb2.GenerateImageAsyncResponse]  # type: ignore[assignment]
+    """GenerateSequentialImagesAsync stores a group as a task, like
+    GenerateImageAsync. While it runs, GetImageTask already shows the images
+    finished so far.
+    """
+    WatchImageTask: _aio.UnaryStreamMultiCallable[_image_service_pb2.WatchImageTaskRequest, _image_service_pb2.GetImageTaskResponse]  # type: ignore[assignment]
+    """WatchImageTask sends the task's state at once, then again at every change
+    (RUNNING, each new image of a group, the end), and ends after the final
+    state. A task that has already ended gets one message.
+    """
 
 class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
     """ImageService generates images from a prompt and optional reference images.
@@ -195,5 +227,39 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_image_service_pb2.GetUsageResponse, _abc.Awaitable[_image_service_pb2.GetUsageResponse]]:
         """GetUsage reports what the caller's key has used and spent, per model."""
+
+    @_abc_1.abstractmethod
+    def StreamSequentialImages(
+        self,
+        request: _image_service_pb2.GenerateSequentialImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_image_service_pb2.StreamSequentialImagesResponse], _abc.AsyncIterator[_image_service_pb2.StreamSequentialImagesResponse]]:
+        """StreamSequentialImages generates a group like GenerateSequentialImages but
+        sends each image (or its per-image error) the moment the provider has it,
+        in the order produced, then one `completed` message with the usage and the
+        model. Cancelling the call, or its deadline passing, ends the generation.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateSequentialImagesAsync(
+        self,
+        request: _image_service_pb2.GenerateSequentialImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_image_service_pb2.GenerateImageAsyncResponse, _abc.Awaitable[_image_service_pb2.GenerateImageAsyncResponse]]:
+        """GenerateSequentialImagesAsync stores a group as a task, like
+        GenerateImageAsync. While it runs, GetImageTask already shows the images
+        finished so far.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchImageTask(
+        self,
+        request: _image_service_pb2.WatchImageTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_image_service_pb2.GetImageTaskResponse], _abc.AsyncIterator[_image_service_pb2.GetImageTaskResponse]]:
+        """WatchImageTask sends the task's state at once, then again at every change
+        (RUNNING, each new image of a group, the end), and ends after the final
+        state. A task that has already ended gets one message.
+        """
 
 def add_ImageServiceServicer_to_server(servicer: ImageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
