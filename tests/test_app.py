@@ -306,7 +306,7 @@ async def test_a_task_retries_its_store_never_its_generation(
 ) -> None:
     """A task whose images cannot be stored tries the store again, not the (billed)
     generation: SUCCEEDED once the disk has room, else FAILED with IMAGE_STORE_UNAVAILABLE."""
-    monkeypatch.setattr("sia.service.STORE_RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr("sia.images.STORE_RETRY_DELAYS", (0.0, 0.0))
     provider = CountingProvider()
     request = GenerationRequest(prompt="x", model=backend_settings.image_model, size=TEST_SIZE)
     async with App(backend_settings, provider=provider) as app:

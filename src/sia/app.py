@@ -36,6 +36,7 @@ from sia.providers.ark import ArkProvider
 from sia.providers.offline import OfflineProvider
 from sia.providers.openai import OpenAIProvider
 from sia.rpc.server import GrpcServer
+from sia.runner import TaskRunner
 from sia.service import ImageService
 from sia.storage.local import ImageLinks, LocalBlobStore
 from sia.tasks.sqlite import SqliteTaskBackend
@@ -196,7 +197,7 @@ class App:
             access=self.access,
         )
         self._check_default_size()
-        await self.tasks.start(self.service.run_task)
+        await self.tasks.start(TaskRunner(self.service))
 
         self.grpc = GrpcServer(
             settings, self.service, self.metrics, self.readiness, access=self.access

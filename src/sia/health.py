@@ -42,6 +42,7 @@ class Readiness:
     def __init__(self) -> None:
         self.started = False
         self.shutting_down = False
+        self.shutdown_begun = asyncio.Event()  # what long-lived streams wait on to end
         self.problems: dict[str, str] = {}
         self._listeners: list[Callable[[bool], None]] = []
         self._expiries: dict[str, asyncio.TimerHandle] = {}
@@ -125,6 +126,7 @@ class Readiness:
 
     def begin_shutdown(self) -> None:
         """Shutdown has begun: stop receiving new work."""
+        self.shutdown_begun.set()
         self._update(lambda: setattr(self, "shutting_down", True))
 
     def report(

@@ -1,10 +1,12 @@
-"""The use cases: generate, submit, get, cancel and list tasks, usage, and housekeeping.
+"""The use cases: generate (at once or streamed), submit, get, watch, cancel and list
+tasks, usage, and housekeeping.
 
 `ImageService` is the domain core the edges call. It knows the provider, the
 task backend and the blob store only through their protocols, and nothing of
 gRPC or HTTP. The edges authenticate the caller (`AccessControl.authenticate`)
 and pass its key here, where its limits are applied and its usage counted;
-a caller of None is anonymous (access control off).
+a caller of None is anonymous (access control off). Running tasks is
+`sia.runner`'s business.
 """
 
 from __future__ import annotations
@@ -16,80 +18,41 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sia.domain import (
-    GeneratedImage,
-    GenerationRequest,
-    GenerationResult,
-    ImageError,
-    ResponseFormat,
-    utcnow,
-)
-from sia.errors import (
-    DeadlineExceeded,
-    ImageStoreUnavailable,
-    NotFound,
-    ReferencesBusy,
-    RequestIdReused,
-    SiaError,
-    TaskNotFound,
-)
+from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, ResponseFormat, utcnow
+from sia.errors import DeadlineExceeded, RequestIdReused, ShuttingDown, SiaError, TaskNotFound
+from sia.images import ImageKeeper, with_images
 from sia.logs import get_logger
-from sia.validation import Defaults, check_images, check_reference_total
+from sia.validation import (
+    REFERENCE_BYTES_IN_FLIGHT,
+    ByteBudget,
+    Defaults,
+    check_images,
+    check_reference_total,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator
     from datetime import date
 
     from sia.access.base import ApiKey, UsageEntry
     from sia.access.gate import AccessControl
     from sia.config import Settings
-    from sia.domain import Task, TaskStatus
+    from sia.domain import OnImage, Task, TaskStatus
     from sia.health import Readiness
     from sia.metrics import Metrics
     from sia.providers.base import ImageProvider
     from sia.storage.base import BlobStore
     from sia.tasks.base import TaskBackend
+    from sia.webhooks import Webhooks
 
 log = get_logger("sia.service")
 
-_EXPIRED = ImageError("IMAGE_EXPIRED", "the stored image has expired")
-#: Waits (seconds) before a task's store attempts after the first. A blip keeps the
-#: billed images; the total stays well inside the 30 s a Redis job has past IMAGE_TIMEOUT.
-STORE_RETRY_DELAYS = (1.0, 3.0, 8.0)
 _NO_TIMER = contextlib.nullcontext()
 
 
-def _as_bytes(request: GenerationRequest) -> GenerationRequest:
+def as_bytes(request: GenerationRequest) -> GenerationRequest:
     """The same request, asking the provider for image bytes instead of its URLs."""
     return dataclasses.replace(request, response_format=ResponseFormat.B64_JSON)
-
-
-#: Decoded bytes of data-URI references that calls and submissions in flight may hold
-#: together (each holds about five times its share: message, strings, upstream body).
-REFERENCE_BYTES_IN_FLIGHT = 64 * 1024 * 1024
-
-
-class ByteBudget:
-    """At most `limit` bytes held at once; a claim past it is refused, never queued."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.held = 0
-
-    @contextlib.contextmanager
-    def claim(self, size: int) -> Iterator[None]:
-        """Hold `size` bytes for the block, or raise ReferencesBusy when they would not fit."""
-        if self.held + size > self.limit:
-            raise ReferencesBusy(
-                f"reference images of other calls fill this instance's {self.limit:,} bytes "
-                "for them; retry shortly",
-                metadata={"limit_bytes": str(self.limit)},
-            )
-        self.held += size
-        try:
-            yield
-        finally:
-            self.held -= size
 
 
 class ImageService:
@@ -105,6 +68,7 @@ class ImageService:
         metrics: Metrics,
         readiness: Readiness,
         access: AccessControl | None = None,
+        webhooks: Webhooks | None = None,
     ) -> None:
         self.settings = settings
         self.access = access
@@ -113,6 +77,8 @@ class ImageService:
         self.provider = provider
         self.tasks = tasks
         self.store = store
+        self.images = ImageKeeper(store)
+        self.webhooks = webhooks
         self.metrics = metrics
         self.readiness = readiness
         self.references = ByteBudget(REFERENCE_BYTES_IN_FLIGHT)
@@ -128,6 +94,7 @@ class ImageService:
         *,
         caller: ApiKey | None = None,
         caller_timeout: float | None = None,
+        on_image: OnImage | None = None,
     ) -> GenerationResult:
         """Generate now, within IMAGE_TIMEOUT and the caller's time if sooner.
 
@@ -139,7 +106,8 @@ class ImageService:
 
         For URL results, images the provider returns as bytes are stored so the
         URL points at this service; with STORE_RESULTS every image is fetched
-        as bytes and stored, so its URL outlives the provider's.
+        as bytes and stored, so its URL outlives the provider's. `on_image` gets
+        each image as the provider produces it, already stored.
 
         Data-URI references are decoded and checked first, off the event loop,
         and hold their share of REFERENCE_BYTES_IN_FLIGHT until the call ends.
@@ -149,50 +117,90 @@ class ImageService:
         """
         access = self.access
         if access is None or (caller is None and not self._gate_anonymous):
-            return await self._generate_checked(request, caller_timeout, "")
+            return await self._generate_checked(request, caller_timeout, "", on_image)
         async with access.calling(caller, request):
             owner = caller.name if caller is not None else ""
-            return await self._generate_checked(request, caller_timeout, owner)
+            return await self._generate_checked(request, caller_timeout, owner, on_image)
+
+    async def stream(
+        self,
+        request: GenerationRequest,
+        *,
+        caller: ApiKey | None = None,
+        caller_timeout: float | None = None,
+    ) -> AsyncIterator[GeneratedImage | GenerationResult]:
+        """`generate`, yielding each image as the provider produces it, then the result.
+
+        Closing the iterator early (the caller went away) cancels the generation,
+        which closes the upstream connection.
+        """
+        queue: asyncio.Queue[GeneratedImage | GenerationResult | BaseException] = asyncio.Queue()
+
+        async def produce() -> None:
+            try:
+                result = await self.generate(
+                    request, caller=caller, caller_timeout=caller_timeout, on_image=queue.put
+                )
+            except Exception as exc:  # handed to the consumer, which raises it
+                queue.put_nowait(exc)
+            else:
+                queue.put_nowait(result)
+
+        producer = asyncio.create_task(produce(), name="sia-stream")
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer
 
     async def _generate_checked(
-        self, request: GenerationRequest, caller_timeout: float | None, owner: str
+        self,
+        request: GenerationRequest,
+        caller_timeout: float | None,
+        owner: str,
+        on_image: OnImage | None,
     ) -> GenerationResult:
         if request.images and (size := check_reference_total(request.images)):
             with self.references.claim(size):
                 await check_images(request.images)
-                return await self._generate(request, caller_timeout, owner)
-        return await self._generate(request, caller_timeout, owner)
+                return await self._generate(request, caller_timeout, owner, on_image)
+        return await self._generate(request, caller_timeout, owner, on_image)
 
     async def _generate(
-        self, request: GenerationRequest, caller_timeout: float | None, owner: str
+        self,
+        request: GenerationRequest,
+        caller_timeout: float | None,
+        owner: str,
+        on_image: OnImage | None,
     ) -> GenerationResult:
-        store = request.response_format is ResponseFormat.URL
-        if store and self.settings.store_results:
-            result = await self._call_provider(_as_bytes(request), caller_timeout, owner)
-        else:
-            result = await self._call_provider(request, caller_timeout, owner)
-        return await self._store_bytes(result) if store else result
+        keep = request.response_format is ResponseFormat.URL
+        if keep and self.settings.store_results:
+            request = as_bytes(request)
+        kept: dict[int, GeneratedImage] = {}
+        if on_image is not None:
+            user_callback = on_image
 
-    async def run_task(self, task: Task) -> GenerationResult:
-        """Task runner: generate as bytes and keep every image in the blob store.
+            async def on_image(image: GeneratedImage) -> None:
+                if keep:  # stored before the caller sees it, once
+                    image = kept[image.index] = await self.images.keep(image)
+                await user_callback(image)
 
-        Task results must outlive the provider's URLs (Ark's expire after 24 h),
-        so tasks always ask the provider for the image bytes. The generation is
-        billed: a failing blob store is retried, never the generation.
-        Its key is checked again (revoked: KeyRevoked; over a quota or budget:
-        QuotaExceeded) and the account's images per minute are waited for.
-        """
-        request, access = _as_bytes(task.request), self.access
-        if access is None:
-            result = await self._call_provider(request, None, task.owner)
-        else:
-            async with access.running(task.owner, request):
-                result = await self._call_provider(request, None, task.owner)
-        return await self._store_bytes(result, retry_delays=STORE_RETRY_DELAYS)
+        result = await self.call_provider(request, caller_timeout, owner, on_image)
+        result = with_images(result, kept)
+        return await self.images.keep_all(result) if keep else result
 
     async def submit(self, request: GenerationRequest, *, caller: ApiKey | None = None) -> Task:
-        """Store `request` as a task of the caller (or return the caller's task of its
-        request_id, which must be for the same request)."""
+        """Store `request` (one image or a group) as a task of the caller (or return the
+        caller's task of its request_id, which must be for the same request)."""
+        if request.webhook_url and self.webhooks is not None:
+            self.webhooks.check(request)
         if self.access is not None:
             await self.access.admit(caller, request)
         owner = caller.name if caller is not None else ""
@@ -207,20 +215,45 @@ class ImageService:
         return task
 
     async def get_task(self, task_id: str, *, caller: ApiKey | None = None) -> Task:
-        """The caller's task, with its result's images as URLs or bytes, as it asked.
+        """The caller's task, with its result's images as URLs or bytes, as it asked
+        (a running group's images so far).
 
         Another key's task is TaskNotFound, exactly as a missing one.
         """
-        task = await self._own_task(task_id, caller)
-        if task.result is None:
-            return task
-        result = await self._materialize(task.result, task.request.response_format)
-        return dataclasses.replace(task, result=result)
+        return await self._shown(await self._own_task(task_id, caller))
+
+    async def watch(self, task_id: str, *, caller: ApiKey | None = None) -> AsyncIterator[Task]:
+        """The caller's task now, then again at each change, until it has ended.
+
+        Shutdown ends a watch that is still open with ShuttingDown (the client
+        watches again on another instance) rather than cutting it.
+        """
+        async with self.tasks.watch(task_id) as changes:
+            task = await self.get_task(task_id, caller=caller)
+            yield task
+            seen = _state(task)
+            stopping = asyncio.ensure_future(self.readiness.shutdown_begun.wait())
+            try:
+                while not task.status.is_terminal:
+                    changed = asyncio.ensure_future(changes.changed())
+                    await asyncio.wait((changed, stopping), return_when=asyncio.FIRST_COMPLETED)
+                    if not changed.done():
+                        changed.cancel()
+                        raise ShuttingDown
+                    task = await self.get_task(task_id, caller=caller)
+                    if (state := _state(task)) != seen:
+                        seen = state
+                        yield task
+            finally:
+                stopping.cancel()
 
     async def cancel_task(self, task_id: str, *, caller: ApiKey | None = None) -> Task:
         """Cancel a queued or running task of the caller."""
         await self._own_task(task_id, caller)
-        return await self.tasks.cancel(task_id)
+        task = await self.tasks.cancel(task_id)
+        if self.webhooks is not None:
+            await self.webhooks.enqueue(task, "task.cancelled")
+        return task
 
     async def list_tasks(
         self,
@@ -240,7 +273,7 @@ class ImageService:
         listed = []
         for task in tasks:
             if task.result is not None:
-                result = await self._materialize(task.result, ResponseFormat.URL)
+                result = await self.images.materialize(task.result, ResponseFormat.URL)
                 task = dataclasses.replace(task, result=result)  # noqa: PLW2901 - the listed copy
             listed.append(task)
         return listed, cursor
@@ -261,6 +294,12 @@ class ImageService:
             seen = by_model.get(row.model)
             by_model[row.model] = row if seen is None else _add(seen, row)
         return [by_model[model] for model in sorted(by_model)]
+
+    async def _shown(self, task: Task) -> Task:
+        if task.result is None:
+            return task
+        result = await self.images.materialize(task.result, task.request.response_format)
+        return dataclasses.replace(task, result=result)
 
     async def _own_task(self, task_id: str, caller: ApiKey | None) -> Task:
         task = await self.tasks.get(task_id)
@@ -285,9 +324,14 @@ class ImageService:
         if tasks or blobs:
             log.info("retention_sweep", tasks_deleted=tasks, images_deleted=blobs)
 
-    async def _call_provider(
-        self, request: GenerationRequest, caller_timeout: float | None, owner: str
+    async def call_provider(
+        self,
+        request: GenerationRequest,
+        caller_timeout: float | None,
+        owner: str,
+        on_image: OnImage | None = None,
     ) -> GenerationResult:
+        """The provider's result for `request`, timed, counted, and charged to `owner`."""
         budget = self.settings.image_timeout
         timer: contextlib.AbstractAsyncContextManager[object]
         if caller_timeout is not None and caller_timeout < budget:
@@ -298,7 +342,7 @@ class ImageService:
         start = time.perf_counter()
         try:
             async with timer:
-                result = await self.provider.generate(request, timeout=budget)
+                result = await self.provider.generate(request, timeout=budget, on_image=on_image)
         except TimeoutError:
             metrics.upstream_errors.labels(provider, "TIMEOUT").inc()
             raise DeadlineExceeded(f"the generation did not finish within {budget:.3g} s") from None
@@ -324,66 +368,6 @@ class ImageService:
             self.access.record(owner, result)
         return result
 
-    async def _store_bytes(
-        self, result: GenerationResult, *, retry_delays: tuple[float, ...] = ()
-    ) -> GenerationResult:
-        """Move inline image bytes into the blob store, linking each image to its blob.
-
-        After an `ImageStoreUnavailable` the images not yet stored are tried
-        again after each of `retry_delays` (seconds); then the error is raised.
-        """
-        if not any(image.data for image in result.images):
-            return result  # URL results: nothing to store
-
-        async def store(image: GeneratedImage) -> GeneratedImage:
-            if not image.data:
-                return image
-            key = await self.store.put(image.data, image.content_type)
-            return dataclasses.replace(
-                image,
-                blob_key=key,
-                url=self.store.url(key),
-                data=b"",
-            )
-
-        images = list(result.images)
-        for delay in (*retry_delays, None):
-            outcomes = await asyncio.gather(*map(store, images), return_exceptions=True)
-            failure: ImageStoreUnavailable | None = None
-            for index, outcome in enumerate(outcomes):
-                if isinstance(outcome, ImageStoreUnavailable):
-                    failure = outcome  # keep the bytes; the next round tries this image again
-                elif isinstance(outcome, BaseException):
-                    raise outcome  # anything else is not the store's fault to wait out
-                else:
-                    images[index] = outcome
-            if failure is None:
-                break
-            if delay is None:
-                raise failure
-            log.warning("image_store_retry", delay_seconds=delay, error=failure.message)
-            await asyncio.sleep(delay)
-        return dataclasses.replace(result, images=tuple(images))
-
-    async def _materialize(
-        self, result: GenerationResult, response_format: ResponseFormat
-    ) -> GenerationResult:
-        """Fill in each stored image's URL, or its bytes for B64_JSON."""
-
-        async def fill(image: GeneratedImage) -> GeneratedImage:
-            if not image.blob_key:
-                return image
-            if response_format is ResponseFormat.URL:
-                return dataclasses.replace(image, url=self.store.url(image.blob_key))
-            try:
-                data = await self.store.get(image.blob_key)
-            except NotFound:
-                return dataclasses.replace(image, error=_EXPIRED)
-            return dataclasses.replace(image, url="", data=data)
-
-        images = await asyncio.gather(*(fill(image) for image in result.images))
-        return dataclasses.replace(result, images=tuple(images))
-
 
 def _add(a: UsageEntry, b: UsageEntry) -> UsageEntry:
     """The sum of two usage entries of one key and model (the first one's day)."""
@@ -394,3 +378,9 @@ def _add(a: UsageEntry, b: UsageEntry) -> UsageEntry:
         output_tokens=a.output_tokens + b.output_tokens,
         cost_micros=a.cost_micros + b.cost_micros,
     )
+
+
+def _state(task: Task) -> tuple[object, ...]:
+    """What a watcher is told about: a new status, images, error or end (not fresh links)."""
+    images = len(task.result.images) if task.result is not None else 0
+    return (task.status, images, task.error, task.finished_at)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import io
 import math
 import re
@@ -20,13 +21,14 @@ import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from sia.domain import GenerationRequest, ResponseFormat
-from sia.errors import FieldViolation, InvalidArgument
+from sia.errors import FieldViolation, InvalidArgument, ReferencesBusy
 from sia.models import MAX_GROUP_IMAGES, ModelSpec, echo
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
 MAX_PROMPT_CHARS = 4000
+MAX_WEBHOOK_URL_CHARS = 2048
 MAX_REFERENCE_IMAGES = 14
 MAX_REFERENCE_BYTES = 10 * 1024 * 1024
 MAX_REFERENCE_PIXELS = 36_000_000
@@ -76,8 +78,14 @@ def validate_request(
     max_images: int | None = None,
     sequential: bool = False,
     request_id: str = "",
+    webhook_url: str = "",
+    webhook_images: bool = False,
 ) -> GenerationRequest:
-    """A validated, fully resolved request, or InvalidArgument listing every bad field."""
+    """A validated, fully resolved request, or InvalidArgument listing every bad field.
+
+    `webhook_url` is only measured here; what it may point at is the webhooks'
+    check, at submission (sia.webhooks.urls).
+    """
     problems: list[FieldViolation] = []
 
     def bad(name: str, description: str) -> None:
@@ -145,6 +153,7 @@ def validate_request(
         bad("guidance_scale", f"is {guidance_scale}; must be between 1 and 10")
     if request_id and not _REQUEST_ID.fullmatch(request_id):
         bad("request_id", "must be 1 to 128 printable ASCII characters without spaces")
+    problems += _webhook_problems(webhook_url.strip(), webhook_images)
 
     if problems:
         raise InvalidArgument(problems)
@@ -159,7 +168,17 @@ def validate_request(
         guidance_scale=guidance_scale,
         max_images=max_images if sequential else None,
         request_id=request_id,
+        webhook_url=webhook_url.strip(),
+        webhook_images=webhook_images,
     )
+
+
+def _webhook_problems(url: str, each_image: bool) -> list[FieldViolation]:
+    if len(url) > MAX_WEBHOOK_URL_CHARS:
+        return [FieldViolation("webhook_url", f"is {len(url)} characters; at most 2048")]
+    if each_image and not url:
+        return [FieldViolation("webhook_each_image", "needs webhook_url")]
+    return []
 
 
 def _reference_count_rule(spec: ModelSpec, count: int) -> str:
@@ -288,3 +307,31 @@ def _decode_data_uri(ref: str, fmt: str, start: int) -> str | None:
     if width * height > MAX_REFERENCE_PIXELS:
         return f"image is {width}x{height}; at most {MAX_REFERENCE_PIXELS:,} pixels"
     return None
+
+
+#: Decoded bytes of data-URI references that calls and submissions in flight may hold
+#: together (each holds about five times its share: message, strings, upstream body).
+REFERENCE_BYTES_IN_FLIGHT = 64 * 1024 * 1024
+
+
+class ByteBudget:
+    """At most `limit` bytes held at once; a claim past it is refused, never queued."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    @contextlib.contextmanager
+    def claim(self, size: int) -> Iterator[None]:
+        """Hold `size` bytes for the block, or raise ReferencesBusy when they would not fit."""
+        if self.held + size > self.limit:
+            raise ReferencesBusy(
+                f"reference images of other calls fill this instance's {self.limit:,} bytes "
+                "for them; retry shortly",
+                metadata={"limit_bytes": str(self.limit)},
+            )
+        self.held += size
+        try:
+            yield
+        finally:
+            self.held -= size

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -20,9 +21,12 @@ from PIL import Image
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
+from sia.domain import GeneratedImage, GenerationRequest
+from sia.providers.ark import ArkProvider
 from sia.testing.fake_ark import ERROR_STATUS, FakeArk, FakeDrop, FakeError, FakeOK
 from tests.helpers import LogConfig, MakeSettings
-from tests.waiting import until
+from tests.providers.arrivals import Arrivals
+from tests.waiting import until, within
 
 KEY = "ark-test-key-5f3e9c"
 Stub = pb_grpc.ImageServiceStub
@@ -442,3 +446,107 @@ async def test_store_results_keeps_sync_images(make_settings: MakeSettings, fake
         assert fake.requests[-1].body["response_format"] == "b64_json"  # type: ignore[index]
         async with aiohttp.ClientSession() as http, http.get(url) as download:
             assert download.status == 200
+
+
+# The provider itself, without the server: each image of a streamed group reaches `on_image`.
+
+#: Seconds the fake takes per image in the timing tests.
+GAP = 0.3
+
+
+@pytest.fixture
+async def provider(fake: FakeArk) -> AsyncIterator[ArkProvider]:
+    """An Ark provider talking to the fake over loopback HTTP."""
+    ark = ArkProvider(fake.base_url, KEY, max_retries=2)
+    yield ark
+    await ark.aclose()
+
+
+def group(prompt: str, max_images: int) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt, model="doubao-seedream-4-0-250828", size="2K", max_images=max_images
+    )
+
+
+async def test_group_images_reach_on_image_as_the_fake_sends_them(
+    provider: ArkProvider, fake: FakeArk
+) -> None:
+    """Each image, a moderated one as its error, comes to on_image when the fake sends it."""
+    fake.image_latency = GAP
+    arrivals = Arrivals()
+    result = await provider.generate(
+        group("four seasons [moderate:1]", 4), timeout=30, on_image=arrivals
+    )
+    returned = time.monotonic()
+    assert arrivals.images == list(result.images)
+    assert arrivals.indexes == [0, 1, 2, 3]
+    assert [image.ok for image in arrivals.images] == [True, False, True, True]
+    assert arrivals.images[1].error is not None
+    assert arrivals.images[1].error.code == "OutputImageSensitiveContentDetected"
+    # The fake sends image i GAP * (i + 1) seconds after the request came in.
+    sent = fake.requests[-1].received
+    for index, arrived in enumerate(arrivals.times):
+        assert arrived >= sent + GAP * (index + 1) - 0.05, f"image {index} came before it was sent"
+    assert arrivals.times[0] < returned - 3 * GAP / 2, "the first image waited for the group"
+    assert all(b - a >= GAP / 2 for a, b in zip(arrivals.times, arrivals.times[1:], strict=False))
+
+
+async def test_latency_trigger_spreads_a_group_over_its_callbacks(
+    provider: ArkProvider, fake: FakeArk
+) -> None:
+    """With `[latency:S]` the images of a stream, and so the callbacks, are S/n apart."""
+    arrivals = Arrivals()
+    started = time.monotonic()
+    await provider.generate(group(f"x [latency:{3 * GAP}]", 3), timeout=30, on_image=arrivals)
+    returned = time.monotonic()
+    assert arrivals.indexes == [0, 1, 2]
+    assert arrivals.times[0] - started >= GAP - 0.05
+    assert arrivals.times[0] < returned - GAP, "the first image waited for the group"
+
+
+@pytest.mark.parametrize("callback_blocks", [False, True], ids=["between-images", "in-callback"])
+async def test_cancelling_a_group_mid_stream_closes_the_upstream_connection(
+    provider: ArkProvider, fake: FakeArk, callback_blocks: bool
+) -> None:
+    """Cancelling generate after the first image hangs up on the upstream at once,
+    whether it was waiting for the next image or inside on_image."""
+    fake.image_latency = 0.5  # the rest of the group would take 1.5 s: longer than we wait
+    first = asyncio.Event()
+
+    async def on_image(image: GeneratedImage) -> None:
+        first.set()
+        if callback_blocks:
+            await asyncio.Event().wait()
+
+    call = asyncio.create_task(provider.generate(group("x", 4), timeout=30, on_image=on_image))
+    await within(first.wait(), "no image came", timeout=10)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await until(
+        lambda: fake.requests[-1].outcome != "pending",
+        "the upstream request is still open a second after the cancel",
+        timeout=1,
+    )
+    assert fake.requests[-1].outcome == "client_disconnected"
+    assert len(fake.requests) == 1
+
+
+async def test_on_image_error_ends_the_group_and_hangs_up(
+    provider: ArkProvider, fake: FakeArk
+) -> None:
+    """What on_image raises is what generate raises; the stream is closed, not retried."""
+    fake.image_latency = GAP
+    boom = RuntimeError("the store is full")
+    arrivals = Arrivals(error=boom)
+    with pytest.raises(RuntimeError) as caught:
+        await provider.generate(group("x", 4), timeout=30, on_image=arrivals)
+    assert caught.value is boom
+    assert arrivals.indexes == [0]
+    await until(
+        lambda: fake.requests[-1].outcome != "pending",
+        "the upstream request is still open after the callback failed",
+        timeout=1,
+    )
+    assert fake.requests[-1].outcome == "client_disconnected"
+    assert len(fake.requests) == 1

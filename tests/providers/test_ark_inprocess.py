@@ -18,6 +18,8 @@ from sia.domain import GenerationRequest, ResponseFormat
 from sia.errors import UpstreamRateLimited, UpstreamUnavailable
 from sia.logs import REQUEST_ID
 from sia.providers.ark import PATH, ArkProvider
+from sia.providers.retry import RetryPolicy
+from tests.providers.arrivals import Arrivals
 from tests.providers.scripted import Reply, ScriptedClient, json_reply, sse_reply
 
 KEY = "ark-inprocess-key-81c2"
@@ -198,3 +200,90 @@ async def test_aclose_closes_the_client_it_was_given() -> None:
     await provider.aclose()
     assert client.closed
     assert KEY not in repr(provider)
+
+
+# on_image: each image as the attempt has it, never from an attempt that is retried.
+
+
+def two_images() -> Reply:
+    return sse_reply(
+        event("partial_succeeded", 0, url="u0", size="2048x2048"),
+        event("partial_succeeded", 1, url="u1", size="2048x2048"),
+        {"type": "image_generation.completed", "usage": {"generated_images": 2}},
+        "[DONE]",
+    )
+
+
+async def test_on_image_never_fires_for_a_retried_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempts that fail before any image (an error event, a 500) deliver nothing;
+    the attempt that succeeds delivers each image once."""
+    monkeypatch.setattr(RetryPolicy, "delay", lambda *_: 0.0)
+    error_event = sse_reply({"error": {"code": "InternalServiceError", "message": "oops"}})
+    server_error = json_reply({"error": {"code": "InternalServiceError"}}, 500)
+    client = ScriptedClient(error_event, server_error, two_images())
+    arrivals = Arrivals()
+    result = await ark(client).generate(request(max_images=2), timeout=TIMEOUT, on_image=arrivals)
+    assert len(client.sent) == 3
+    assert arrivals.indexes == [0, 1]
+    assert arrivals.images == list(result.images)
+
+
+async def test_after_a_streamed_image_the_attempt_is_final() -> None:
+    """An error event, a broken connection or an unreadable event after the first image
+    is never retried: the image already went to on_image."""
+    image = event("partial_succeeded", 0, url="u0", size="2048x2048")
+    error = {"error": {"code": "InternalServiceError", "message": "oops"}}
+    for reply in (sse_reply(image, error), sse_reply(image, broken=True)):
+        client = ScriptedClient(reply, two_images())
+        arrivals = Arrivals()
+        result = await ark(client).generate(
+            request(max_images=3), timeout=TIMEOUT, on_image=arrivals
+        )
+        assert [i.url for i in result.images] == ["u0"]
+        assert (arrivals.images, len(client.sent)) == (list(result.images), 1)
+    client = ScriptedClient(sse_reply(image, "{not json"), two_images())
+    arrivals = Arrivals()
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await ark(client).generate(request(max_images=3), timeout=TIMEOUT, on_image=arrivals)
+    assert caught.value.final
+    assert (arrivals.indexes, len(client.sent)) == ([0], 1)
+
+
+async def test_on_image_gets_the_images_of_a_whole_answer_in_order() -> None:
+    """A single image, and a group answered as one JSON body, reach on_image by index."""
+    arrivals = Arrivals()
+    result = await ark(ScriptedClient(single(url="u"))).generate(
+        request(), timeout=TIMEOUT, on_image=arrivals
+    )
+    assert arrivals.images == list(result.images) == [result.images[0]]
+    failed = {"error": {"code": "OutputImageSensitiveContentDetected", "message": "m"}}
+    whole = json_reply({"model": SEEDREAM_4, "data": [{"url": "u0"}, failed, {"url": "u2"}]})
+    arrivals = Arrivals()
+    result = await ark(ScriptedClient(whole)).generate(
+        request(max_images=3), timeout=TIMEOUT, on_image=arrivals
+    )
+    assert arrivals.indexes == [0, 1, 2]
+    assert arrivals.images == list(result.images)
+    assert [i.ok for i in arrivals.images] == [True, False, True]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("the store is full"), UpstreamUnavailable("the store is unreachable")],
+    ids=["foreign", "retryable"],
+)
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "json"])
+async def test_what_on_image_raises_ends_the_generation_as_is(
+    error: Exception, streamed: bool
+) -> None:
+    """The callback's own error comes out of generate unchanged: not retried, and not
+    taken for a broken stream whose images are kept."""
+    client = ScriptedClient(two_images() if streamed else single(url="u"))
+    arrivals = Arrivals(error=error)
+    with pytest.raises(type(error)) as caught:
+        await ark(client).generate(
+            request(max_images=2 if streamed else None), timeout=TIMEOUT, on_image=arrivals
+        )
+    assert caught.value is error
+    assert not getattr(error, "final", False)
+    assert (arrivals.indexes, len(client.sent)) == ([0], 1)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import structlog
 
-from sia.domain import GenerationRequest
+from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, OnImage
 from sia.errors import (
     ModelUnavailable,
     ProviderMisconfigured,
@@ -31,10 +31,11 @@ from sia.providers.http import HttpProvider, client_request_id, decode_b64_image
 from sia.providers.openai import OpenAIProvider
 from sia.providers.retry import RetryPolicy
 from sia.rpc.errors import status_code_of
+from tests.providers.arrivals import Arrivals
 from tests.providers.scripted import Reply, ScriptedClient, json_reply, text_reply
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
 MAX_RETRIES = 2
 HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
@@ -235,3 +236,51 @@ def test_b64_images_refuse_what_is_not_base64(text: str) -> None:
     """Text that is not base64 raises ValueError (binascii.Error is one)."""
     with pytest.raises(ValueError):
         decode_b64_image(text)
+
+
+class HalfwayProvider(HttpProvider):
+    """Each attempt hands over one image, then fails in a way that is otherwise retried."""
+
+    provider = "halfway"
+    attempts = 0
+
+    def encode_request(self, request: GenerationRequest) -> bytes:
+        return b"{}"
+
+    async def _attempt(
+        self,
+        request: GenerationRequest,
+        body: bytes,
+        headers: Mapping[str, str],
+        on_image: OnImage,
+    ) -> GenerationResult:
+        self.attempts += 1
+        await on_image(GeneratedImage(index=0, url="u0"))
+        raise UpstreamUnavailable("lost after the first image")
+
+
+async def test_an_attempt_that_handed_over_an_image_is_never_retried() -> None:
+    """Whatever a provider's attempt raises once on_image has fired is final."""
+    provider = HalfwayProvider("http://halfway.invalid", "k", client=ScriptedClient(Reply()))
+    arrivals = Arrivals()
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await provider.generate(_request(ArkProvider), timeout=30, on_image=arrivals)
+    assert caught.value.final
+    assert (provider.attempts, arrivals.indexes) == (1, [0])
+
+
+async def test_an_on_image_error_keeps_readiness_and_its_own_traceback() -> None:
+    """The callback's error is raised as is, not chained to anything of the provider's;
+    the upstream answered, so a misconfiguration reported earlier is cleared."""
+    health: list[str | None] = []
+    answer = json_reply({"data": [{"url": "u0"}], "usage": {"generated_images": 1}})
+    provider = ArkProvider(
+        "http://ark.invalid", "k", client=ScriptedClient(answer), on_health=health.append
+    )
+    error = RuntimeError("the store is full")
+    with pytest.raises(RuntimeError) as caught:
+        await provider.generate(_request(ArkProvider), timeout=30, on_image=Arrivals(error))
+    assert caught.value is error
+    assert error.__cause__ is None
+    assert error.__context__ is None
+    assert health == [None]

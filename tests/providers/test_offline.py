@@ -16,6 +16,7 @@ from sia.errors import InvalidArgument
 from sia.models import SEEDEDIT_3_0_I2I, SEEDREAM_3_0_T2I, SEEDREAM_4_0
 from sia.providers import offline
 from sia.providers.offline import OfflineProvider
+from tests.providers.arrivals import Arrivals
 
 CAT = "一只可爱的小猫在花园里玩耍"
 
@@ -197,6 +198,41 @@ async def test_latency_beyond_timeout_raises_timeout_error() -> None:
     with pytest.raises(TimeoutError):  # the latency alone would end it after 5 s, without one
         await OfflineProvider(latency=5).generate(_request(), timeout=0.1)
     assert time.monotonic() - start >= 0.09
+
+
+async def test_each_image_reaches_on_image_in_order() -> None:
+    """on_image gets each image of a group once, by index, as the result holds them."""
+    arrivals = Arrivals()
+    result = await OfflineProvider().generate(_request(max_images=3), timeout=10, on_image=arrivals)
+    assert arrivals.indexes == [0, 1, 2]
+    assert arrivals.images == list(result.images)
+
+
+async def test_latency_spreads_a_group_over_its_callbacks() -> None:
+    """With a latency, a group's images come to on_image one share of it apart, the first
+    long before the group is done."""
+    latency, count = 0.6, 3
+    gap = latency / count
+    arrivals = Arrivals()
+    start = time.monotonic()
+    await OfflineProvider(latency=latency).generate(
+        _request(max_images=count), timeout=10, on_image=arrivals
+    )
+    returned = time.monotonic()
+    assert returned - start >= latency - 0.01
+    assert arrivals.times[0] - start >= gap - 0.01
+    assert arrivals.times[0] < returned - (count - 1) * gap / 2
+    assert all(b - a >= gap / 2 for a, b in zip(arrivals.times, arrivals.times[1:], strict=False))
+
+
+async def test_what_on_image_raises_ends_the_group() -> None:
+    """An on_image error comes out of generate as is; no later image follows."""
+    error = RuntimeError("the store is full")
+    arrivals = Arrivals(error=error)
+    with pytest.raises(RuntimeError) as caught:
+        await OfflineProvider().generate(_request(max_images=3), timeout=10, on_image=arrivals)
+    assert caught.value is error
+    assert arrivals.indexes == [0]
 
 
 async def test_name_models_and_idempotent_close() -> None:

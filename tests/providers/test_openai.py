@@ -44,6 +44,7 @@ from sia.testing.fake_openai import (
     render,
 )
 from tests.helpers import MakeSettings
+from tests.providers.arrivals import Arrivals
 from tests.waiting import until
 
 if TYPE_CHECKING:
@@ -108,6 +109,28 @@ async def test_single_image_is_decoded_png(
     assert record.header("Authorization") == f"Bearer {KEY}"
     assert record.client_request_id == "rid-7"
     assert health == [None]
+
+
+async def test_each_image_of_the_answer_reaches_on_image_in_order(
+    provider: OpenAIProvider, fake: FakeOpenAI
+) -> None:
+    """The images of one answer go to on_image one by one, by index, before generate returns."""
+    arrivals = Arrivals()
+    result = await provider.generate(request(max_images=3), timeout=TIMEOUT, on_image=arrivals)
+    assert arrivals.indexes == [0, 1, 2]
+    assert arrivals.images == list(result.images)
+
+
+async def test_what_on_image_raises_ends_the_generation(
+    provider: OpenAIProvider, fake: FakeOpenAI
+) -> None:
+    """An on_image error comes out of generate as is, after one call and one image."""
+    error = UpstreamUnavailable("the store is unreachable")  # retryable, were it the upstream's
+    arrivals = Arrivals(error=error)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await provider.generate(request(max_images=3), timeout=TIMEOUT, on_image=arrivals)
+    assert caught.value is error
+    assert (arrivals.indexes, len(fake.requests)) == ([0], 1)
 
 
 async def test_group_sends_n_and_nothing_openai_lacks(

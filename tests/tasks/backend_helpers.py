@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from redis import asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, Task, TaskStatus, Usage
-from sia.tasks.base import Runner, TaskBackend
+from sia.tasks.base import Runner, TaskBackend, TaskWatch
 from tests.waiting import within
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -68,6 +69,89 @@ class GatedRunner:
             self.any_cancelled.set()
             raise
         return make_result(task)
+
+
+def images_result(task: Task, count: int) -> GenerationResult:
+    """A stored-form result of a group's first `count` images (each in the blob store)."""
+    return GenerationResult(
+        model=task.request.model,
+        images=tuple(
+            GeneratedImage(index=i, blob_key=f"{task.id}-{i}.jpeg", content_type="image/jpeg")
+            for i in range(count)
+        ),
+        usage=Usage(generated_images=count),
+        created_at=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+
+
+class ProgressRunner:
+    """A group's runner, moved on by the test: each `step()` lets it report one more image
+    through `backend.progress`; the step after the last returns the result of `images + 1`."""
+
+    def __init__(self, images: int = 2) -> None:
+        self.backend: TaskBackend | None = None  # set once the backend is made
+        self.images = images
+        self.started = asyncio.Event()
+        self.calls: list[str] = []
+        self._steps: asyncio.Queue[asyncio.Event] = asyncio.Queue()
+
+    async def wait_started(self) -> None:
+        """Return once a task has reached the runner; fail the test if none does."""
+        await within(self.started.wait(), "no task reached the runner")
+
+    async def step(self) -> None:
+        """Let the running task report its next image (or end); return once it has."""
+        done = asyncio.Event()
+        await self._steps.put(done)
+        await within(done.wait(), "the runner did not take its step")
+
+    async def __call__(self, task: Task) -> GenerationResult:
+        assert self.backend is not None, "set ProgressRunner.backend before starting it"
+        self.calls.append(task.id)
+        self.started.set()
+        for count in range(1, self.images + 1):
+            done = await self._steps.get()
+            await self.backend.progress(task.id, images_result(task, count))
+            done.set()
+        (await self._steps.get()).set()
+        return images_result(task, self.images + 1)
+
+
+async def watch_until(
+    watch: TaskWatch,
+    backend: TaskBackend,
+    task_id: str,
+    check: Callable[[Task], bool],
+    what: str,
+    timeout: float = 10,
+) -> Task:
+    """Wait on `watch` and re-read the task after each change, until `check` holds for it;
+    fail the test if no change shows it within `timeout` s. The task is read only after a
+    change: a missed notification fails, it is not polled over."""
+
+    async def follow() -> Task:
+        while True:
+            await watch.changed()
+            task = await backend.get(task_id)
+            if check(task):
+                return task
+
+    return await within(follow(), f"no change of {task_id} showed {what}", timeout)
+
+
+async def stays_unchanged(watch: TaskWatch, seconds: float = 0.3) -> bool:
+    """True when `watch.changed()` has not returned within `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            await watch.changed()
+    except TimeoutError:
+        return True
+    return False
+
+
+def open_watches(backend: TaskBackend) -> int:
+    """How many watches of `backend` are open (its registry, a private part)."""
+    return len(backend._watchers)  # type: ignore[attr-defined]
 
 
 async def wait_status(

@@ -8,8 +8,11 @@ fails these tests instead of skipping them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -45,13 +48,18 @@ from tests.tasks.backend_helpers import (
     REDIS_URL,
     GatedRunner,
     Make,
+    ProgressRunner,
     delete_queue_keys,
+    images_result,
     make_request,
     make_result,
+    open_watches,
     quick,
     require_redis,
     started,
+    stays_unchanged,
     wait_status,
+    watch_until,
 )
 from tests.waiting import within
 
@@ -579,3 +587,238 @@ async def test_a_bad_cursor_is_an_invalid_page_token(backends: Make, token: str)
     with pytest.raises(InvalidArgument) as caught:
         await backend.list("alice", after=token)
     assert [v.field for v in caught.value.violations] == ["page_token"]
+
+
+def _group(prompt: str = "a comic strip", **changes: object) -> GenerationRequest:
+    """A group request (max_images set), with the webhook fields of an async one."""
+    request = dataclasses.replace(make_request(prompt), max_images=4)
+    return dataclasses.replace(request, **changes)  # type: ignore[arg-type]
+
+
+async def _progressing(make: Make, **kwargs: int) -> tuple[TaskBackend, ProgressRunner]:
+    """A started backend whose runner is a ProgressRunner of two images."""
+    runner = ProgressRunner(images=2)
+    backend = make(**kwargs)
+    runner.backend = backend
+    await backend.start(runner)
+    return backend, runner
+
+
+async def test_a_group_task_round_trips_with_its_webhook_fields(backends: Make) -> None:
+    """A group request (max_images) with webhook_url and webhook_images is stored, run and
+    listed as it was submitted; without them it keeps their defaults."""
+    seen: list[GenerationRequest] = []
+
+    async def runner(task: Task) -> GenerationResult:
+        seen.append(task.request)
+        return images_result(task, 3)
+
+    backend = await started(backends, runner)
+    request = _group(
+        webhook_url="https://hooks.example.test/sia?x=1", webhook_images=True, request_id="g-1"
+    )
+    task = await backend.submit(request, owner="alice")
+    assert task.request == request
+    assert task.request.sequential
+    done = await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
+    assert done.request == request
+    assert done.result == images_result(task, 3)
+    assert seen == [request]
+    [listed], _ = await backend.list("alice")
+    assert listed.request == request
+
+    plain = await backend.submit(_group())
+    stored = (await backend.get(plain.id)).request
+    assert (stored.max_images, stored.webhook_url, stored.webhook_images) == (4, "", False)
+
+
+async def test_progress_shows_the_images_so_far_until_the_result_replaces_them(
+    backends: Make,
+) -> None:
+    """While a group runs, get() shows it RUNNING with 1, then 2 images; the final result
+    replaces them; progress for a finished or unknown task changes nothing and raises nothing."""
+    backend, runner = await _progressing(backends)
+    task = await backend.submit(_group())
+    await runner.wait_started()
+    running = await wait_status(backend, task.id, TaskStatus.RUNNING)
+    assert running.result is None
+
+    last = running.updated_at
+    for count in (1, 2):
+        await runner.step()
+        shown = await backend.get(task.id)
+        assert shown.status is TaskStatus.RUNNING
+        assert shown.result == images_result(task, count)
+        assert shown.finished_at is None
+        assert shown.updated_at >= last
+        last = shown.updated_at
+
+    await runner.step()
+    done = await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
+    assert done.result == images_result(task, 3)
+
+    await backend.progress(task.id, images_result(task, 1))
+    assert await backend.get(task.id) == done
+    await backend.progress("task_unknown", images_result(task, 1))
+    with pytest.raises(TaskNotFound):
+        await backend.get("task_unknown")
+
+
+async def test_progress_of_a_task_not_running_is_ignored(backends: Make) -> None:
+    """A queued or cancelled task ignores progress; a failed or cancelled one shows no partial
+    images, only its error."""
+    backend, runner = await _progressing(backends, workers=1)
+    running = await backend.submit(_group())
+    await runner.wait_started()
+    queued = await backend.submit(_group())
+    await backend.progress(queued.id, images_result(queued, 1))
+    assert (await backend.get(queued.id)).result is None
+
+    await runner.step()
+    assert (await backend.get(running.id)).result == images_result(running, 1)
+    cancelled = await backend.cancel(running.id)
+    assert (cancelled.status, cancelled.result) == (TaskStatus.CANCELLED, None)
+    await backend.progress(running.id, images_result(running, 2))
+    assert (await backend.get(running.id)).result is None
+
+
+async def test_a_failed_group_shows_no_partial_images(backends: Make) -> None:
+    """A runner that reported an image and then failed leaves FAILED with its error only."""
+    holder: list[TaskBackend] = []
+
+    async def runner(task: Task) -> GenerationResult:
+        await holder[0].progress(task.id, images_result(task, 1))
+        raise Unavailable("upstream went away")
+
+    backend = backends()
+    holder.append(backend)
+    await backend.start(runner)
+    task = await backend.submit(_group())
+    failed = await wait_status(backend, task.id, TaskStatus.FAILED)
+    assert (failed.result, failed.error) == (None, ImageError("UNAVAILABLE", "upstream went away"))
+
+
+async def test_a_watch_wakes_on_running_each_progress_and_the_end(backends: Make) -> None:
+    """A watch on a queued task stays quiet while it waits, then wakes when it starts, at each
+    image and at the end; every watch is released on exit."""
+    backend, runner = await _progressing(backends, workers=1)
+    busy = await backend.submit(_group("busy"))
+    await runner.wait_started()
+    task = await backend.submit(_group())
+    await asyncio.sleep(0.2)  # the submit's own announcement has been delivered
+    async with backend.watch(task.id) as watch:
+        assert (await backend.get(task.id)).status is TaskStatus.QUEUED
+        assert await stays_unchanged(watch), "a watch of an unchanged task woke"
+        assert open_watches(backend) == 1
+
+        for _ in range(3):  # the busy task's images and end: not this watch's business
+            await runner.step()
+        await wait_status(backend, busy.id, TaskStatus.SUCCEEDED)
+
+        def running_with(count: int) -> Callable[[Task], bool]:
+            def check(t: Task) -> bool:
+                images = 0 if t.result is None else len(t.result.images)
+                return t.status is TaskStatus.RUNNING and images == count
+
+            return check
+
+        await watch_until(watch, backend, task.id, running_with(0), "RUNNING")
+        for count in (1, 2):
+            await runner.step()
+            await watch_until(watch, backend, task.id, running_with(count), f"{count} images")
+        await runner.step()
+        done = await watch_until(
+            watch, backend, task.id, lambda t: t.status is TaskStatus.SUCCEEDED, "SUCCEEDED"
+        )
+        assert done.result == images_result(task, 3)
+    assert open_watches(backend) == 0
+
+
+async def test_a_watch_wakes_on_cancel_and_one_opened_after_the_end_reads_it(
+    backends: Make,
+) -> None:
+    """Cancelling a running or a queued task wakes its watch; a watch opened after the end
+    reads the final state (no change need come); watches of one task wake together."""
+    runner = GatedRunner()
+    backend = await started(backends, runner, workers=1)
+    running = await backend.submit(make_request())
+    await runner.wait_started()
+    queued = await backend.submit(make_request())
+    await wait_status(backend, running.id, TaskStatus.RUNNING)
+    await asyncio.sleep(0.2)
+
+    def cancelled(t: Task) -> bool:
+        return t.status is TaskStatus.CANCELLED
+
+    async with backend.watch(running.id) as first, backend.watch(running.id) as second:
+        await backend.cancel(running.id)
+        for watch in (first, second):
+            await watch_until(watch, backend, running.id, cancelled, "CANCELLED")
+    async with backend.watch(queued.id) as watch:
+        await backend.cancel(queued.id)
+        await watch_until(watch, backend, queued.id, cancelled, "CANCELLED")
+
+    async with backend.watch(running.id) as late:
+        assert (await backend.get(running.id)).status is TaskStatus.CANCELLED
+        assert await stays_unchanged(late, 0.1)
+    async with backend.watch("task_unknown"):
+        with pytest.raises(TaskNotFound):
+            await backend.get("task_unknown")
+    assert open_watches(backend) == 0
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+async def test_a_thousand_idle_watches_cost_no_cpu(backends: Make) -> None:
+    """1,000 watches waiting on idle tasks use under 5 % of a core (no polling per watch);
+    a change still wakes every watch of its task, and all are released on exit."""
+    backend = await started(backends, GatedRunner(), workers=1)
+    await backend.submit(make_request("busy"))
+    tasks = [await backend.submit(make_request()) for _ in range(20)]
+    await asyncio.sleep(0.2)
+    watches = [backend.watch(task.id) for task in tasks for _ in range(50)]
+    for watch in watches:
+        await watch.__aenter__()
+    try:
+        waiting = [asyncio.create_task(watch.changed()) for watch in watches]
+        await asyncio.sleep(0.1)  # every waiter is parked on its event
+        before, began = _cpu_seconds(), time.monotonic()
+        await asyncio.sleep(1)
+        share = (_cpu_seconds() - before) / (time.monotonic() - began)
+        print(f"CPU with 1,000 idle watches: {share:.1%} of a core")
+        assert share < 0.05
+        assert open_watches(backend) == 1000
+        assert not any(waiter.done() for waiter in waiting)
+
+        await backend.cancel(tasks[0].id)
+        woken = waiting[:50]
+        await within(asyncio.gather(*woken), "a watch of the cancelled task slept on")
+        await asyncio.sleep(0.1)
+        assert not any(waiter.done() for waiter in waiting[50:])
+        for waiter in waiting[50:]:
+            waiter.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    finally:
+        for watch in watches:
+            await watch.__aexit__(None, None, None)
+    assert open_watches(backend) == 0
+
+
+async def test_a_watch_wakes_when_a_drain_puts_its_task_back_in_the_queue(
+    backends: Make,
+) -> None:
+    """A running task interrupted by drain goes back to QUEUED, and its watch wakes to see it."""
+    runner = GatedRunner()
+    backend = await started(backends, runner, workers=1)
+    task = await backend.submit(make_request())
+    await runner.wait_started()
+    await wait_status(backend, task.id, TaskStatus.RUNNING)
+    await asyncio.sleep(0.2)
+    async with backend.watch(task.id) as watch:
+        await backend.drain(0)
+        await watch_until(
+            watch, backend, task.id, lambda t: t.status is TaskStatus.QUEUED, "QUEUED again"
+        )

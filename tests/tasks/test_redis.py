@@ -1,5 +1,6 @@
-"""What only the redis backend does for owners: its keys, and an owner's index of tasks
-(expired entries dropped, the set trimmed and expiring, ties and the scan bound on paging).
+"""What only the redis backend does: its keys for owners, an owner's index of tasks
+(expired entries dropped, the set trimmed and expiring, ties and the scan bound on paging),
+and watches across replicas (one subscription each, announcements on one channel).
 
 These run on the real Redis on 127.0.0.1:6379, each test on its own queue name; with
 CI=true an unreachable Redis fails them instead of skipping them.
@@ -7,21 +8,28 @@ CI=true an unreachable Redis fails them instead of skipping them.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis import asyncio as aioredis
 
-from sia.domain import Task, TaskStatus
+from sia.domain import GenerationRequest, Task, TaskStatus
 from sia.tasks.redis import RedisTaskBackend
 from tests.tasks.backend_helpers import (
     REDIS_URL,
     GatedRunner,
+    ProgressRunner,
     delete_queue_keys,
+    images_result,
     make_request,
+    open_watches,
     require_redis,
+    stays_unchanged,
+    wait_status,
+    watch_until,
 )
 
 _RETENTION = 100
@@ -128,3 +136,103 @@ async def test_a_filtered_listing_reads_a_bounded_number_of_entries(
     # Submissions within one millisecond list by id, so the oldest may come a little early.
     assert [t.id for page, _ in pages for t in page] == [oldest.id]
     assert len(pages) == 3 and pages[0][0] == []
+
+
+@pytest.fixture
+async def replicas() -> AsyncIterator[tuple[RedisTaskBackend, RedisTaskBackend, ProgressRunner]]:
+    """Two replicas on one queue: A runs tasks with a ProgressRunner of two images; B, drained
+    at once, runs none but answers and watches."""
+    await require_redis()
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    runner = ProgressRunner(images=2)
+    a = RedisTaskBackend(REDIS_URL, queue=queue, workers=1, heartbeat=2)
+    b = RedisTaskBackend(REDIS_URL, queue=queue, workers=1, heartbeat=2)
+    runner.backend = a
+    await a.start(runner)
+    await b.start(GatedRunner())
+    await b.drain(0)  # its worker stops before any task is queued
+    try:
+        yield a, b, runner
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await delete_queue_keys(queue)
+
+
+def _group() -> GenerationRequest:
+    return GenerationRequest(prompt="a comic strip", model="m-1", size="1024x1024", max_images=4)
+
+
+async def test_a_watch_on_one_replica_sees_a_task_another_runs(
+    replicas: tuple[RedisTaskBackend, RedisTaskBackend, ProgressRunner],
+) -> None:
+    """B's watch wakes as A starts the task, at each of its images and at its end; B reads
+    each state from Redis."""
+    a, b, runner = replicas
+    busy = await a.submit(_group())
+    await runner.wait_started()
+    task = await a.submit(_group())
+    await asyncio.sleep(0.2)
+    async with b.watch(task.id) as watch:
+        assert (await b.get(task.id)).status is TaskStatus.QUEUED
+        assert await stays_unchanged(watch)
+        for _ in range(3):
+            await runner.step()
+        await wait_status(a, busy.id, TaskStatus.SUCCEEDED)
+
+        def running_with(count: int) -> Callable[[Task], bool]:
+            def check(t: Task) -> bool:
+                images = 0 if t.result is None else len(t.result.images)
+                return t.status is TaskStatus.RUNNING and images == count
+
+            return check
+
+        await watch_until(watch, b, task.id, running_with(0), "RUNNING")
+        for count in (1, 2):
+            await runner.step()
+            shown = await watch_until(watch, b, task.id, running_with(count), f"{count} images")
+            assert shown.result == images_result(task, count)
+        await runner.step()
+        done = await watch_until(
+            watch, b, task.id, lambda t: t.status is TaskStatus.SUCCEEDED, "SUCCEEDED"
+        )
+        assert done.result == images_result(task, 3)
+    assert open_watches(b) == 0
+    assert runner.calls == [busy.id, task.id]
+
+
+async def test_a_cancel_on_one_replica_wakes_a_watch_on_the_other(
+    replicas: tuple[RedisTaskBackend, RedisTaskBackend, ProgressRunner],
+) -> None:
+    """A task running on A, cancelled through B, wakes A's watch and B's."""
+    a, b, runner = replicas
+    task = await a.submit(_group())
+    await runner.wait_started()
+    await wait_status(b, task.id, TaskStatus.RUNNING)
+    await asyncio.sleep(0.2)
+
+    def cancelled(t: Task) -> bool:
+        return t.status is TaskStatus.CANCELLED
+
+    async with a.watch(task.id) as on_a, b.watch(task.id) as on_b:
+        await b.cancel(task.id)
+        await watch_until(on_b, b, task.id, cancelled, "CANCELLED on B")
+        await watch_until(on_a, a, task.id, cancelled, "CANCELLED on A")
+
+
+async def test_changes_are_announced_on_one_channel_as_task_ids(
+    backend: RedisTaskBackend, redis: aioredis.Redis
+) -> None:
+    """Each change PUBLISHes the task's id, and nothing else, on sia:<queue>:task-changed."""
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(f"sia:{backend.queue_name}:task-changed")
+    try:
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+        task = await backend.submit(make_request())  # the GatedRunner takes it: RUNNING
+        await backend.cancel(task.id)
+        seen: list[bytes] = []
+        while len(seen) < 3 and (message := await pubsub.get_message(timeout=5)):
+            seen.append(message["data"])
+        assert seen[:3] == [task.id.encode()] * 3  # submit, claim, cancel (and the abort's end)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]

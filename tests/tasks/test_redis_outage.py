@@ -1,4 +1,5 @@
-"""The redis backend through a Redis outage, and its persistence check at start-up.
+"""The redis backend through a Redis outage (its work, its watches), and its persistence
+check at start-up.
 
 Each test runs its own `redis-server` (in tmp_path, on a free port) so that it
 can kill and restart it.
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from redis import asyncio as aioredis
 from structlog.testing import capture_logs
 
 from sia.domain import TaskStatus
@@ -20,9 +22,12 @@ from sia.tasks.redis import RedisTaskBackend
 from tests.tasks.backend_helpers import (
     GatedRunner,
     make_request,
+    open_watches,
     own_redis,
     quick,
+    stays_unchanged,
     wait_status,
+    watch_until,
 )
 from tests.waiting import within
 
@@ -115,3 +120,59 @@ async def test_snapshots_only_warn_and_aof_passes(tmp_path: Path) -> None:
             await backend.start(quick)
         await backend.aclose()
     assert not [e for e in logs if e["event"].startswith("redis_persistence_")]
+
+
+async def test_watches_wake_when_redis_comes_back_and_follow_changes_again(
+    tmp_path: Path,
+) -> None:
+    """Announcements made while the subscription is down are lost, so each watcher is woken
+    once it is back (to read the state again); later changes are announced as before."""
+    async with own_redis(tmp_path / "redis") as redis:
+        runner = GatedRunner()
+        backend = RedisTaskBackend(redis.url, queue="outage", workers=1, heartbeat=2)
+        await backend.start(runner)
+        try:
+            task = await backend.submit(make_request())
+            await runner.wait_started()
+            await wait_status(backend, task.id, TaskStatus.RUNNING)
+            await asyncio.sleep(1.2)  # appendfsync everysec: the claim is on disk
+            async with backend.watch(task.id) as watch:
+                assert await stays_unchanged(watch, 0.2)
+                await redis.kill()
+                await asyncio.sleep(0.5)
+                await redis.start()
+                await within(watch.changed(), "the watch slept through Redis coming back")
+                assert (await backend.get(task.id)).status is TaskStatus.RUNNING
+
+                runner.release.set()
+                await watch_until(
+                    watch, backend, task.id, lambda t: t.status is TaskStatus.SUCCEEDED, "the end"
+                )
+            assert open_watches(backend) == 0
+        finally:
+            await backend.aclose()
+
+
+async def test_watches_wake_when_the_subscription_alone_is_cut(tmp_path: Path) -> None:
+    """Redis closing the subscriber's connection (redis-py reconnects and subscribes again by
+    itself) wakes each watcher too; later changes are announced as before."""
+    async with own_redis(tmp_path / "redis") as redis:
+        runner = GatedRunner()
+        backend = RedisTaskBackend(redis.url, queue="cut", workers=1, heartbeat=2)
+        await backend.start(runner)
+        client = aioredis.from_url(redis.url)
+        try:
+            task = await backend.submit(make_request())
+            await wait_status(backend, task.id, TaskStatus.RUNNING)
+            await asyncio.sleep(0.2)
+            async with backend.watch(task.id) as watch:
+                assert await stays_unchanged(watch, 0.2)
+                assert await client.client_kill_filter(_type="pubsub") == 1
+                await within(watch.changed(), "the watch slept through its subscription's cut")
+                runner.release.set()
+                await watch_until(
+                    watch, backend, task.id, lambda t: t.status is TaskStatus.SUCCEEDED, "the end"
+                )
+        finally:
+            await client.aclose()
+            await backend.aclose()

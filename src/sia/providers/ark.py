@@ -10,6 +10,7 @@ It follows the "Ark wire notes" of docs/providers.md field by field:
 - sequential groups use `stream: true` and are assembled from the
   `partial_succeeded`, `partial_failed` and `completed` events, so one
   moderated image does not cost the others (the official SDK stops there);
+  each image goes to the caller's `on_image` as its event arrives;
 - every documented error code maps to one class of the error tree; rate
   limits and server errors are retried (never once a streamed image has
   arrived), and credential or account errors mark the provider unfit for
@@ -40,6 +41,7 @@ from sia.providers.http import (
     HttpProvider,
     bad_answer,
     decode_b64_image,
+    deliver_all,
     error_object,
     json_object,
     with_retry_after,
@@ -49,7 +51,7 @@ from sia.providers.sse import SSEParser
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
-    from sia.domain import GenerationRequest
+    from sia.domain import GenerationRequest, OnImage
     from sia.models import ModelSpec
 
 log = get_logger("sia.providers.ark")
@@ -97,7 +99,11 @@ class ArkProvider(HttpProvider):
         return orjson.dumps(request_body(request, self.models[request.model]))
 
     async def _attempt(
-        self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
+        self,
+        request: GenerationRequest,
+        body: bytes,
+        headers: Mapping[str, str],
+        on_image: OnImage,
     ) -> GenerationResult:
         # One path for single images and groups: a group answers text/event-stream, and
         # a single image may too (tolerated), so the body is read as the answer says.
@@ -106,9 +112,10 @@ class ArkProvider(HttpProvider):
                 raw = await answer.read()
                 raise upstream_error(answer.status, raw, answer.headers, model=request.model)
             if answer.content_type == "text/event-stream":
-                return await _read_stream(answer.chunks(), answer.headers, request)
+                return await _read_stream(answer.chunks(), answer.headers, request, on_image)
             payload = json_object(await answer.read(), answer.status, PROVIDER, final=False)
-            return parse_result(payload, request)
+        # The connection is back in the pool before the caller sees the images.
+        return await deliver_all(parse_result(payload, request), on_image)
 
 
 def request_body(request: GenerationRequest, spec: ModelSpec) -> dict[str, Any]:
@@ -150,15 +157,22 @@ def parse_result(payload: Mapping[str, Any], request: GenerationRequest) -> Gene
 
 
 async def _read_stream(
-    chunks: AsyncIterator[bytes], headers: Mapping[str, str], request: GenerationRequest
+    chunks: AsyncIterator[bytes],
+    headers: Mapping[str, str],
+    request: GenerationRequest,
+    on_image: OnImage,
 ) -> GenerationResult:
-    """Assemble a group from SSE events; errors after the first image are not retried."""
+    """Assemble a group from SSE events, awaiting `on_image` with each image as it arrives.
+
+    Errors after the first image are not retried: that image is already the
+    caller's (and billed).
+    """
     parser = SSEParser()
     images: dict[int, GeneratedImage] = {}
     usage: Mapping[str, Any] | None = None
     model = request.model
 
-    def handle(data: str) -> bool:
+    async def handle(data: str) -> bool:
         """Apply one event's data; True when the stream is over."""
         nonlocal usage, model
         if data.strip() == "[DONE]":
@@ -168,7 +182,8 @@ async def _read_stream(
         kind = event.get("type", "")
         if kind.endswith(("partial_succeeded", "partial_failed")):
             index = int(event.get("image_index", len(images)))
-            images[index] = _image(index, event)
+            image = images[index] = _image(index, event)
+            await on_image(image)
         elif kind.endswith("completed"):
             usage = event.get("usage") or {}
         elif isinstance(event.get("error"), dict):
@@ -183,14 +198,15 @@ async def _read_stream(
         done = False
         async for chunk in chunks:
             for event in parser.feed(chunk):
-                if event.data and handle(event.data):
+                if event.data and await handle(event.data):
                     done = True
+                    break  # nothing after the end reaches the caller
             if done:
                 break
         else:
             for event in parser.close():
                 if event.data:
-                    handle(event.data)
+                    await handle(event.data)
     except UpstreamUnavailable as exc:
         if not images:
             raise

@@ -4,7 +4,9 @@
 `Upstream` unless the caller hands it another, as tests do) as attempts under
 `call_with_retries`, and reports a misconfigured provider (refused key or
 account) to readiness until a later call succeeds. A subclass says how
-to build its request body and how to read one attempt's answer.
+to build its request body and how to read one attempt's answer, handing each
+image to the caller's `on_image` as it has it. Once an attempt has handed one
+over, that attempt is final: a retry would hand the caller its images twice.
 
 The helpers read what both APIs answer alike: a JSON object body, an error
 object, Retry-After, and `b64_json` images.
@@ -22,7 +24,13 @@ import pybase64
 import structlog
 
 from sia.domain import new_request_id
-from sia.errors import ProviderMisconfigured, UpstreamRateLimited, UpstreamUnavailable
+from sia.errors import (
+    ProviderMisconfigured,
+    Retryable,
+    SiaError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
 from sia.logs import REQUEST_ID, get_logger
 from sia.providers.client import Upstream
 from sia.providers.retry import RetryPolicy, call_with_retries, parse_retry_after
@@ -30,8 +38,7 @@ from sia.providers.retry import RetryPolicy, call_with_retries, parse_retry_afte
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from sia.domain import GenerationRequest, GenerationResult
-    from sia.errors import SiaError
+    from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, OnImage
     from sia.providers.client import HttpClient
 
 log = get_logger("sia.providers")
@@ -78,28 +85,45 @@ class HttpProvider(abc.ABC):
 
     @abc.abstractmethod
     async def _attempt(
-        self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
+        self,
+        request: GenerationRequest,
+        body: bytes,
+        headers: Mapping[str, str],
+        on_image: OnImage,
     ) -> GenerationResult:
-        """One call of the API; errors are the error tree's."""
+        """One call of the API; errors are the error tree's.
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+        Awaits `on_image` with each image of the answer, in the order the
+        answer gives them, before returning them all.
+        """
+
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, on_image: OnImage | None = None
+    ) -> GenerationResult:
         """Generate `request`, retrying transient failures while `timeout` leaves time.
 
         `timeout` bounds the retries only; the caller enforces it on the call.
+        `on_image` is awaited with each image as it arrives, never for an
+        attempt that is then retried; what it raises ends the generation as is.
         """
         body = self.encode_request(request)
         headers = {
             "Authorization": self._authorization,
             "X-Client-Request-Id": client_request_id(),
         }
+        deliver = _Delivery(on_image)
+
+        async def attempt() -> GenerationResult:
+            try:
+                return await self._attempt(request, body, headers, deliver)
+            except SiaError as exc:
+                if deliver.count and isinstance(exc, Retryable):
+                    exc.final = True  # a retry would hand the caller these images again
+                raise
+
         try:
             result = await call_with_retries(
-                self._attempt,
-                request,
-                body,
-                headers,
-                policy=self._policy,
-                deadline=time.monotonic() + timeout,
+                attempt, policy=self._policy, deadline=time.monotonic() + timeout
             )
         except ProviderMisconfigured as exc:
             log.error(
@@ -110,8 +134,14 @@ class HttpProvider(abc.ABC):
             )
             self._on_health(exc.message)
             raise
-        self._on_health(None)
-        return result
+        except _CallbackFailed as failed:
+            error = failed.error
+        else:
+            self._on_health(None)
+            return result
+        self._on_health(None)  # the upstream answered: the key and account are fine
+        # Raised outside the handler so that the caller's error is not chained to its carrier.
+        raise error
 
     async def aclose(self) -> None:
         """Close the HTTP client; idempotent."""
@@ -119,6 +149,45 @@ class HttpProvider(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+
+class _CallbackFailed(Exception):
+    """Carries what the caller's `on_image` raised past the parsing and retry code.
+
+    Neither may mistake it for an upstream failure (a broken stream keeps its
+    images, an error of the error tree may be retried): `HttpProvider.generate`
+    raises `error` itself.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+class _Delivery:
+    """The caller's `on_image` (None: nobody listens), counting the images handed over."""
+
+    __slots__ = ("_on_image", "count")
+
+    def __init__(self, on_image: OnImage | None) -> None:
+        self._on_image = on_image
+        self.count = 0
+
+    async def __call__(self, image: GeneratedImage) -> None:
+        self.count += 1  # counted first: an image the callback saw, even in part, is delivered
+        if self._on_image is None:
+            return
+        try:
+            await self._on_image(image)
+        except Exception as exc:
+            raise _CallbackFailed(exc) from exc
+
+
+async def deliver_all(result: GenerationResult, on_image: OnImage) -> GenerationResult:
+    """Await `on_image` with each image of `result`, in index order; `result` back."""
+    for image in sorted(result.images, key=lambda image: image.index):
+        await on_image(image)
+    return result
 
 
 def client_request_id() -> str:

@@ -4,7 +4,10 @@ It needs no key and no network. Each image is a soft gradient with a few
 blurred shapes, the prompt set in Noto Sans CJK (so a Chinese prompt is as
 readable as an English one) and a footer naming the model, size and seed. The
 same request always yields the same bytes, which makes this the provider for
-demos, tests and load runs. Pillow's errors stay in this module.
+demos, tests and load runs. A group's images are rendered one after another,
+the simulated latency spread over them, and each goes to the caller's
+`on_image` as it is done, as a streamed upstream's would. Pillow's errors stay
+in this module.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from sia.models import ADAPTIVE, ARK_MODELS, KEYWORD_DIMENSIONS, parse_dimension
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from sia.domain import GenerationRequest
+    from sia.domain import GenerationRequest, OnImage
     from sia.models import ModelSpec
 
 log = get_logger(__name__)
@@ -257,25 +260,33 @@ class OfflineProvider:
         """The models this provider serves, by id."""
         return self._models
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
-        """Wait the simulated latency, then render the request's images in a thread."""
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, on_image: OnImage | None = None
+    ) -> GenerationResult:
+        """Render the request's images one by one in a thread, each after its share of
+        the simulated latency, awaiting `on_image` with each as it is done."""
         width, height = dimensions(request.size)
         count = request.max_images if request.max_images is not None else 1
+        images: list[GeneratedImage] = []
         async with asyncio.timeout(timeout):
-            await asyncio.sleep(self._latency)
-            images = await asyncio.to_thread(self._render, request, count)
+            for index in range(count):
+                await asyncio.sleep(self._latency / count)
+                image = await asyncio.to_thread(self._render, request, index)
+                images.append(image)
+                if on_image is not None:
+                    await on_image(image)
         return GenerationResult(
             model=request.model,
-            images=images,
+            images=tuple(images),
             usage=Usage(generated_images=count, output_tokens=count * width * height // 256),
         )
 
     async def aclose(self) -> None:
         """Nothing to release; present for the protocol."""
 
-    def _render(self, request: GenerationRequest, count: int) -> tuple[GeneratedImage, ...]:
+    def _render(self, request: GenerationRequest, index: int) -> GeneratedImage:
         try:
-            return tuple(render(request, index=i, image_format=self._format) for i in range(count))
+            return render(request, index=index, image_format=self._format)
         except (OSError, ValueError) as exc:
             raise InvalidArgument.field(
                 "size", f"the offline provider cannot render {request.size}: {exc}"

@@ -4,7 +4,8 @@ It follows the "OpenAI wire notes" of docs/providers.md:
 
 - one `POST {IMAGE_BASE_URL}/v1/images/generations` per attempt, with the API
   key as a bearer token and our request id as `X-Client-Request-Id`;
-- a group is one call with `n` images (OpenAI has no model-chosen group size);
+- a group is one call with `n` images (OpenAI has no model-chosen group size),
+  which come to the caller's `on_image` once the whole answer is read;
 - gpt-image models always answer in base64 and reject `response_format`, so it
   is sent to DALL-E models only; `seed`, `guidance_scale` and `watermark` are
   not OpenAI parameters and are never sent;
@@ -37,6 +38,7 @@ from sia.providers.http import (
     HttpProvider,
     bad_answer,
     decode_b64_image,
+    deliver_all,
     error_object,
     json_object,
     with_retry_after,
@@ -45,7 +47,7 @@ from sia.providers.http import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from sia.domain import GenerationRequest
+    from sia.domain import GenerationRequest, OnImage
 
 
 PATH = "/v1/images/generations"
@@ -106,7 +108,11 @@ class OpenAIProvider(HttpProvider):
         return orjson.dumps(request_body(request))
 
     async def _attempt(
-        self, request: GenerationRequest, body: bytes, headers: Mapping[str, str]
+        self,
+        request: GenerationRequest,
+        body: bytes,
+        headers: Mapping[str, str],
+        on_image: OnImage,
     ) -> GenerationResult:
         answer = await self._client.fetch(PATH, body, headers)
         if answer.status >= 400:
@@ -119,7 +125,7 @@ class OpenAIProvider(HttpProvider):
             )
         # The images of an unreadable answer may already be billed: do not pay for them twice.
         payload = json_object(answer.body, answer.status, PROVIDER, final=True)
-        return parse_result(payload, request)
+        return await deliver_all(parse_result(payload, request), on_image)
 
 
 def request_body(request: GenerationRequest) -> dict[str, Any]:

@@ -9,13 +9,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from sia.access.base import MICROS
 from sia.api.image.v1 import image_service_pb2 as pb
-from sia.domain import GenerationRequest, ResponseFormat, TaskStatus
+from sia.domain import GenerationRequest, GenerationResult, ResponseFormat, TaskStatus
 from sia.errors import InvalidArgument
 from sia.validation import validate_request
 
 if TYPE_CHECKING:
     from sia.access.base import UsageEntry
-    from sia.domain import GenerationResult, ImageError, Task
+    from sia.domain import GeneratedImage, ImageError, Task
     from sia.validation import Defaults
 
 #: ListImageTasks page sizes: the default and the most.
@@ -58,6 +58,7 @@ def generate_request(msg: pb.GenerateImageRequest, defaults: Defaults) -> Genera
         seed=msg.seed if msg.HasField("seed") else None,
         guidance_scale=msg.guidance_scale if msg.HasField("guidance_scale") else None,
         request_id=msg.request_id,
+        webhook_url=msg.webhook_url,
     )
 
 
@@ -70,6 +71,9 @@ def sequential_request(
         defaults,
         max_images=msg.max_images if msg.HasField("max_images") else None,
         sequential=True,
+        request_id=msg.request_id,
+        webhook_url=msg.webhook_url,
+        webhook_images=msg.webhook_each_image,
     )
 
 
@@ -82,6 +86,8 @@ def _validated(
     request_id: str = "",
     max_images: int | None = None,
     sequential: bool = False,
+    webhook_url: str = "",
+    webhook_images: bool = False,
 ) -> GenerationRequest:
     """validate_request on the fields both requests share, plus each one's own."""
     return validate_request(
@@ -97,6 +103,8 @@ def _validated(
         max_images=max_images,
         sequential=sequential,
         request_id=request_id,
+        webhook_url=webhook_url,
+        webhook_images=webhook_images,
     )
 
 
@@ -226,6 +234,34 @@ def usage_response(
         total.output_tokens += row.output_tokens
         total.cost += cost
     return msg
+
+
+def image(value: GeneratedImage) -> pb.Image:
+    """The Image message of one image (or its per-image error)."""
+    if value.error is not None:
+        return pb.Image(index=value.index, error=error(value.error))
+    return pb.Image(
+        url=value.url,
+        data=value.data,
+        size=value.size,
+        content_type=value.content_type,
+        index=value.index,
+    )
+
+
+def stream_event(event: GeneratedImage | GenerationResult) -> pb.StreamSequentialImagesResponse:
+    """The StreamSequentialImagesResponse of an image, or of the finished result."""
+    if isinstance(event, GenerationResult):
+        done = pb.StreamCompleted(
+            model=event.model,
+            usage=pb.Usage(
+                generated_images=event.usage.generated_images,
+                output_tokens=event.usage.output_tokens,
+            ),
+        )
+        set_timestamp(done.created_at, event.created_at)
+        return pb.StreamSequentialImagesResponse(completed=done)
+    return pb.StreamSequentialImagesResponse(image=image(event))
 
 
 def task_status(value: TaskStatus) -> pb.TaskStatus.ValueType:

@@ -15,8 +15,11 @@ from sia.rpc import convert
 from sia.rpc.interceptors import CALLER
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     import grpc.aio
 
+    from sia.domain import Task
     from sia.service import ImageService
 
 
@@ -34,6 +37,14 @@ def _task_id(value: str) -> str:
             "task_id", f"is {len(value)} characters; at most {MAX_TASK_ID_CHARS}"
         )
     return value
+
+
+def _submitted(task: Task) -> pb.GenerateImageAsyncResponse:
+    return pb.GenerateImageAsyncResponse(
+        task_id=task.id,
+        status=convert.task_status(task.status),
+        created_at=convert.timestamp(task.created_at),
+    )
 
 
 class ImageServicer(pb_grpc.ImageServiceServicer):
@@ -64,17 +75,41 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         )
         return convert.generate_response(result)
 
+    async def StreamSequentialImages(
+        self,
+        request: pb.GenerateSequentialImagesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.StreamSequentialImagesResponse]:
+        """Generate a group, sending each image as the provider produces it."""
+        domain = convert.sequential_request(request, self.service.defaults)
+        events = self.service.stream(
+            domain, caller=CALLER.get(), caller_timeout=context.time_remaining()
+        )
+        async for event in events:
+            yield convert.stream_event(event)
+
+    async def GenerateSequentialImagesAsync(
+        self,
+        request: pb.GenerateSequentialImagesRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> pb.GenerateImageAsyncResponse:
+        """Store a group as a task and answer with its id."""
+        domain = convert.sequential_request(request, self.service.defaults)
+        return _submitted(await self.service.submit(domain, caller=CALLER.get()))
+
+    async def WatchImageTask(
+        self, request: pb.WatchImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.GetImageTaskResponse]:
+        """Send the task's state now and at every change, until it ends."""
+        async for task in self.service.watch(_task_id(request.task_id), caller=CALLER.get()):
+            yield convert.task_response(task)
+
     async def GenerateImageAsync(
         self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GenerateImageAsyncResponse:
         """Store the request as a task and answer with its id."""
         domain = convert.generate_request(request, self.service.defaults)
-        task = await self.service.submit(domain, caller=CALLER.get())
-        return pb.GenerateImageAsyncResponse(
-            task_id=task.id,
-            status=convert.task_status(task.status),
-            created_at=convert.timestamp(task.created_at),
-        )
+        return _submitted(await self.service.submit(domain, caller=CALLER.get()))
 
     async def GetImageTask(
         self, request: pb.GetImageTaskRequest, context: grpc.aio.ServicerContext[object, object]

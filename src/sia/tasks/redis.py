@@ -29,6 +29,13 @@ the stored result (image bytes live in the blob store, never in Redis).
 - Cancellation: saq's abort, plus a marker key so that a cancelled task stays
   cancelled even if its replica died while running it.
 - Retention: finished jobs expire after the retention period (saq's job TTL).
+- Progress: a running task's images so far live in
+  `sia:<queue>:progress:<task_id>` as "<attempt>:<time ms>:<result JSON>";
+  a task shows them (and their time as its updated_at) only while RUNNING
+  in that same attempt, so neither its end nor a re-run needs to delete
+  them (they expire with the retention period).
+- Watches: every change is announced to every replica, which wakes its own
+  watchers of the task; see `sia.tasks.redis_events`.
 
 redis-py's and saq's exceptions never leave this module: Redis being down
 becomes `Unavailable`.
@@ -62,16 +69,19 @@ from sia.providers.retry import upstream_call_limit
 from sia.tasks.base import TaskStats
 from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
 from sia.tasks.errors import CANCELLED, INTERNAL, abandoned, runner_failure, store_errors
+from sia.tasks.redis_events import TaskEvents
 from sia.tasks.redis_index import OwnerIndex
 from sia.tasks.redis_queue import FAULTS as _FAULTS
 from sia.tasks.redis_queue import JobQueue, JobWorker, check_persistence, ping
+from sia.tasks.watchers import Watchers
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from sia.domain import GenerationRequest
+    from sia.domain import GenerationRequest, GenerationResult
     from sia.metrics import Metrics
     from sia.tasks.base import Runner
+    from sia.tasks.watchers import Watch
 
 log = get_logger("sia.tasks.redis")
 
@@ -129,6 +139,8 @@ class RedisTaskBackend:
         self._worker: JobWorker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._runner: Runner | None = None
+        self._watchers = Watchers()
+        self._events: TaskEvents | None = None
         self._draining = False
         self._closed = False
 
@@ -141,18 +153,22 @@ class RedisTaskBackend:
         return f"sia:{self.queue_name}:{kind}:{name}"
 
     async def start(self, runner: Runner) -> None:
-        """Connect, check persistence, then start this replica's saq worker."""
+        """Connect, check persistence, subscribe to task changes, then start this
+        replica's saq worker."""
         self._runner = runner
         self._redis = aioredis.from_url(self._url, **_CLIENT_OPTIONS)
+        queue = JobQueue(self._redis, name=self.queue_name)
+        events = TaskEvents(self._redis, queue.changes_channel, self._watchers)
         try:
             await ping(self._redis)
             await check_persistence(self._redis, required=self._require_persistence)
+            await events.start()
         except (*_FAULTS, ConfigError) as exc:
             await self._redis.aclose()
             if isinstance(exc, ConfigError):
                 raise
             raise ConfigError(f"REDIS_URL: cannot reach Redis ({type(exc).__name__})") from exc
-        self._queue = JobQueue(self._redis, name=self.queue_name)
+        self._queue, self._events = queue, events
         await self._queue.connect()
         sweep = max(1, int(self._heartbeat / 2))
         self._worker = JobWorker(
@@ -201,6 +217,7 @@ class RedisTaskBackend:
             if enqueued is None:  # pragma: no cover - a fresh random key cannot collide
                 raise Unavailable("the task could not be queued; retry")
             await self._owners.add(redis, owner, task_id, enqueued.queued)
+        await queue.announce(task_id)
         return self._task(enqueued, cancelled=False)
 
     def _claim_key(self, owner: str, request_id: str) -> str:
@@ -247,24 +264,29 @@ class RedisTaskBackend:
         queue, redis = self._conn
         if not ids:
             return []
-        keys = [queue.job_id(task_id) for task_id in ids]
-        values = await redis.mget(*keys, *(self._key("cancel", task_id) for task_id in ids))
-        jobs = [queue.deserialize(raw) if raw else None for raw in values[: len(ids)]]
-        markers = values[len(ids) :]
+        n = len(ids)
+        values = await redis.mget(
+            *(queue.job_id(task_id) for task_id in ids),
+            *(self._key("cancel", task_id) for task_id in ids),
+            *(self._key("progress", task_id) for task_id in ids),
+        )
+        jobs = [queue.deserialize(raw) if raw else None for raw in values[:n]]
         return [
-            None if job is None else self._task(job, cancelled=marker is not None)
-            for job, marker in zip(jobs, markers, strict=True)
+            None if job is None else self._task(job, cancelled=marker is not None, progress=partial)
+            for job, marker, partial in zip(jobs, values[n : 2 * n], values[2 * n :], strict=True)
         ]
 
     async def get(self, task_id: str) -> Task:
         """The task as stored in Redis (any replica's)."""
         queue, redis = self._conn
         with store_errors(*_FAULTS):
-            raw_job, marker = await redis.mget(queue.job_id(task_id), self._key("cancel", task_id))
+            raw_job, marker, partial = await redis.mget(
+                queue.job_id(task_id), self._key("cancel", task_id), self._key("progress", task_id)
+            )
         job = queue.deserialize(raw_job) if raw_job else None
         if job is None:
             raise TaskNotFound(task_id)
-        return self._task(job, cancelled=marker is not None)
+        return self._task(job, cancelled=marker is not None, progress=partial)
 
     async def cancel(self, task_id: str) -> Task:
         """Abort a queued or running job; its replica stops running it within a second."""
@@ -277,8 +299,34 @@ class RedisTaskBackend:
             job = await queue.job(task_id)
             if job is not None:
                 await queue.abort(job, CANCELLED.message, ttl=self._job_timeout)
+        await queue.announce(task_id)
         self._count("task_outcomes", TaskStatus.CANCELLED.value)
         return await self.get(task_id)
+
+    async def progress(self, task_id: str, result: GenerationResult) -> None:
+        """Store a RUNNING task's images so far and announce the change; nothing otherwise.
+
+        Best effort: a Redis fault is logged, not raised, so that it never
+        fails the generation (the final result is written as usual).
+        """
+        queue, redis = self._conn
+        stored = result_to_json(result)
+        try:
+            raw_job, marker = await redis.mget(queue.job_id(task_id), self._key("cancel", task_id))
+            job = queue.deserialize(raw_job) if raw_job else None
+            if job is None or marker is not None or job.status is not Status.ACTIVE:
+                return
+            # Tagged with the attempt: a later attempt of the task never shows this one's.
+            value = f"{job.attempts}:{int(time.time() * 1000)}:{stored}"
+            await redis.set(self._key("progress", task_id), value, ex=self._retention)
+        except _FAULTS as exc:
+            log.warning("task_progress_lost", task_id=task_id, error=type(exc).__name__)
+            return
+        await queue.announce(task_id)
+
+    def watch(self, task_id: str) -> Watch:
+        """A subscription to changes of `task_id` made by any replica (see redis_events)."""
+        return self._watchers.watch(task_id)
 
     async def stats(self) -> TaskStats:
         """Queued and running counts (finished jobs only expire), and the queue's age."""
@@ -331,6 +379,9 @@ class RedisTaskBackend:
             return
         self._closed = True
         await self.drain(0)
+        if self._events is not None:
+            await self._events.aclose()
+            self._events = None
         if self._queue is not None:
             with contextlib.suppress(*_FAULTS):
                 await self._queue.disconnect()
@@ -339,7 +390,7 @@ class RedisTaskBackend:
     async def _run_job(self, ctx: dict[str, Any], *, request: str) -> str:
         """saq job function: run one task, touching the job so the sweep knows we live."""
         job: Job = ctx["job"]
-        _, redis = self._conn
+        queue, redis = self._conn
         assert self._runner is not None
         if await redis.exists(self._key("cancel", job.key)):
             return ""  # cancelled while its previous replica ran it
@@ -352,6 +403,7 @@ class RedisTaskBackend:
             raise _Abandoned(error.message)
         if job.attempts > 1:
             self._count("task_retries")
+        await queue.announce(job.key)  # saq has stored it ACTIVE: RUNNING
         task = self._task(job, cancelled=False)
         beat = asyncio.create_task(self._touch(job))
         # A later attempt may follow a call that was billed: it gets one call, no retries.
@@ -378,19 +430,26 @@ class RedisTaskBackend:
             except _FAULTS as exc:
                 log.warning("task_heartbeat_failed", task_id=job.key, error=type(exc).__name__)
 
-    def _task(self, job: Job, *, cancelled: bool) -> Task:
+    def _task(self, job: Job, *, cancelled: bool, progress: bytes | None = None) -> Task:
+        """The task of `job`; `progress` is the value of its progress key, if any."""
         status = TaskStatus.CANCELLED if cancelled else _STATUSES[job.status]
         error = None
         if status is TaskStatus.CANCELLED:
             error = CANCELLED
         elif status is TaskStatus.FAILED:
             error = _failure(job)
-        result = None
+        result, progressed = None, 0
         if status is TaskStatus.SUCCEEDED and job.result:
             result = result_from_json(job.result)
+        elif status is TaskStatus.RUNNING and progress:
+            attempt, _, rest = progress.decode().partition(":")
+            if attempt == str(job.attempts):
+                millis, _, partial = rest.partition(":")
+                result, progressed = result_from_json(partial), int(millis)
         created = _time(job.queued) or datetime.now(UTC)
         finished = _time(job.completed) if status.is_terminal else None
-        updated = max(filter(None, (created, _time(job.started), _time(job.touched), finished)))
+        moments = (created, _time(job.started), _time(job.touched), _time(progressed), finished)
+        updated = max(filter(None, moments))
         return Task(
             id=job.key,
             request=request_from_json((job.kwargs or {})["request"]),

@@ -9,6 +9,10 @@
   its retry) waits for Redis to come back rather than being dropped, which
   would leave the job to the sweep and generate it again; the sweep holds
   off until such writes have had their chance (`Outage.settling`).
+- Announcements: each finish and re-queue (a worker's, a drain's, the
+  sweep's) is announced on the queue's task-changed channel once written
+  (see `sia.tasks.redis_events`); a failed PUBLISH, here or saq's own, is
+  dropped and never fails the write it follows.
 
 redis-py's exceptions never leave the `sia.tasks` package.
 """
@@ -111,6 +115,26 @@ class JobQueue(RedisQueue):
         self._suspects: set[bytes] = set()
         self.outage = Outage()
         self.closing = False
+        #: Where each change of a task is PUBLISHed, as the task id.
+        self.changes_channel = f"sia:{name}:task-changed"
+
+    async def announce(self, task_id: str) -> None:
+        """Tell every replica's watchers that `task_id` changed; call after the write.
+
+        Best effort: a failure is logged and dropped. The subscriptions drop in
+        the same outage, and each replica wakes all its watchers when its own
+        subscription is back (`sia.tasks.redis_events`).
+        """
+        try:
+            await self.redis.publish(self.changes_channel, task_id)
+        except FAULTS as exc:
+            log.info("task_change_unannounced", task_id=task_id, error=type(exc).__name__)
+
+    async def notify(self, job: Job) -> None:
+        # saq's PUBLISH on the job's own channel (its sweep listens there) runs after the
+        # write, inside _finish and _retry: failing, it would make them write again.
+        with contextlib.suppress(*FAULTS):
+            await super().notify(job)
 
     async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> Job | None:
         try:
@@ -129,9 +153,11 @@ class JobQueue(RedisQueue):
 
     async def _finish(self, job: Job, status: Status, **kwargs: Any) -> None:
         await self._until_written(super()._finish, job, status, **kwargs)
+        await self.announce(job.key)
 
     async def _retry(self, job: Job, error: str | None) -> None:
         await self._until_written(super()._retry, job, error)
+        await self.announce(job.key)
 
     async def _until_written(self, write: Any, *args: Any, **kwargs: Any) -> None:
         """`write(*args)`, tried again after each back-off until Redis takes it."""

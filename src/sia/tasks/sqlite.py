@@ -9,6 +9,10 @@ again by the next `start()`, unless it has had `max_attempts` attempts: a
 task that crashes its process, or is interrupted that often, fails as
 ABANDONED rather than run (and be billed) again. An attempt after the first
 makes a single upstream call (see `sia.providers.retry.upstream_call_limit`).
+
+A running task's `progress` (the images it has so far) is its result until
+its end replaces it. Watches are in-process (`sia.tasks.watchers`): every
+write here that changes a task wakes its watchers, so watching costs no polling.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from sia.providers.retry import upstream_call_limit
 from sia.tasks.codec import result_to_json
 from sia.tasks.errors import INTERNAL, runner_failure
 from sia.tasks.sqlite_table import TaskTable
+from sia.tasks.watchers import Watchers
 
 if TYPE_CHECKING:
     from datetime import datetime
     from pathlib import Path
 
-    from sia.domain import GenerationRequest, ImageError
+    from sia.domain import GenerationRequest, GenerationResult, ImageError
     from sia.metrics import Metrics
     from sia.tasks.base import Runner, TaskStats
+    from sia.tasks.watchers import Watch
 
 log = get_logger(__name__)
 
@@ -77,6 +83,7 @@ class SqliteTaskBackend:
         self._draining = False
         self._drained = asyncio.Event()
         self._closed = False
+        self._watchers = Watchers()
 
     @property
     def name(self) -> str:
@@ -108,6 +115,7 @@ class SqliteTaskBackend:
             if request_id and (winner := await table.by_request_id(request_id, owner=owner)):
                 return winner
             raise QueueFull(self.queue_limit)
+        self._watchers.notify(task.id)
         self._nudge()
         return task
 
@@ -142,10 +150,30 @@ class SqliteTaskBackend:
             current = await self.get(task_id)
             raise TaskNotCancellable(task_id, current.status.value)
         self._count_outcome(TaskStatus.CANCELLED)
+        self._watchers.notify(task_id)
         if job := self._running.get(task_id):
             self._client_cancelled.add(task_id)
             job.cancel()
         return task
+
+    async def progress(self, task_id: str, result: GenerationResult) -> None:
+        """Store a RUNNING task's images so far and wake its watchers; nothing otherwise.
+
+        Best effort: a store fault is logged, not raised, so that it never
+        fails the generation (the final result is written as usual).
+        """
+        stored = result_to_json(result)
+        try:
+            changed = await self._table.progress(task_id, stored)
+        except Unavailable:
+            log.warning("task_progress_lost", task_id=task_id)
+            return
+        if changed:
+            self._watchers.notify(task_id)
+
+    def watch(self, task_id: str) -> Watch:
+        """A subscription to changes of `task_id`, woken in-process by every write here."""
+        return self._watchers.watch(task_id)
 
     async def stats(self) -> TaskStats:
         """How many tasks are in each status (zeros included) and the oldest queued one's age."""
@@ -239,7 +267,9 @@ class SqliteTaskBackend:
                     continue
                 if self._draining:
                     await self._table.unclaim(task.id)
+                    self._watchers.notify(task.id)
                     return
+                self._watchers.notify(task.id)
                 await self._run(task, runner)
             except Exception:
                 log.exception("task_worker_error")
@@ -248,6 +278,10 @@ class SqliteTaskBackend:
     async def _requeue(self, task_id: str | None) -> None:
         """Queue a RUNNING task (all, for None) again, or fail it once out of attempts."""
         requeued, abandoned = await self._table.requeue(task_id, max_attempts=self.max_attempts)
+        if task_id is None:
+            self._watchers.notify_all()
+        else:
+            self._watchers.notify(task_id)
         if requeued and task_id is None:
             log.info("tasks_requeued", count=requeued)
         if abandoned:
@@ -292,6 +326,7 @@ class SqliteTaskBackend:
     ) -> None:
         if await self._table.finish(task_id, status, result, error):
             self._count_outcome(status)
+            self._watchers.notify(task_id)
 
     def _count_outcome(self, status: TaskStatus) -> None:
         if self._metrics is not None:

@@ -83,7 +83,7 @@ ON CONFLICT (owner, request_id) WHERE request_id != '' DO NOTHING
 RETURNING *
 """
 _CLAIM = """
-UPDATE tasks SET status = 'running', attempts = attempts + 1, updated_at = ?
+UPDATE tasks SET status = 'running', attempts = attempts + 1, result = NULL, updated_at = ?
 WHERE id = (SELECT id FROM tasks WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1)
 RETURNING *
 """
@@ -92,21 +92,25 @@ UPDATE tasks SET status = ?, result = ?, error_code = ?, error_message = ?,
     updated_at = ?, finished_at = ?
 WHERE id = ? AND status = 'running'
 """
+# The images a running task has so far; the end (_FINISH, _CANCEL, a requeue) replaces them.
+_PROGRESS = "UPDATE tasks SET result = ?, updated_at = ? WHERE id = ? AND status = 'running'"
 _CANCEL = """
-UPDATE tasks SET status = 'cancelled', error_code = ?, error_message = ?,
+UPDATE tasks SET status = 'cancelled', result = NULL, error_code = ?, error_message = ?,
     updated_at = ?, finished_at = ?
 WHERE id = ? AND status IN ('queued', 'running')
 RETURNING *
 """
-_REQUEUE_ALL = "UPDATE tasks SET status = 'queued', updated_at = ? WHERE status = 'running'"
+_REQUEUE_ALL = """
+UPDATE tasks SET status = 'queued', result = NULL, updated_at = ? WHERE status = 'running'
+"""
 _REQUEUE_ONE = f"{_REQUEUE_ALL} AND id = ?"
 _UNCLAIM = """
-UPDATE tasks SET status = 'queued', attempts = attempts - 1, updated_at = ?
+UPDATE tasks SET status = 'queued', attempts = attempts - 1, result = NULL, updated_at = ?
 WHERE status = 'running' AND id = ?
 """
 # A RUNNING task whose attempts reached the limit fails instead of being queued again.
 _ABANDON_ALL = """
-UPDATE tasks SET status = 'failed', error_code = ?,
+UPDATE tasks SET status = 'failed', result = NULL, error_code = ?,
     error_message = 'the task was interrupted ' || attempts || ' times (TASK_MAX_ATTEMPTS)',
     updated_at = ?, finished_at = ?
 WHERE status = 'running' AND attempts >= ?
@@ -210,6 +214,10 @@ class TaskTable:
         code, message = (error.code, error.message) if error else (None, None)
         params = (status.value, result, code, message, now, now, task_id)
         return bool(await self._execute(_FINISH, params))
+
+    async def progress(self, task_id: str, result: str) -> bool:
+        """Store the partial `result` of a RUNNING task; False if it was no longer RUNNING."""
+        return bool(await self._execute(_PROGRESS, (result, to_iso(utcnow()), task_id)))
 
     async def cancel(self, task_id: str) -> Task | None:
         """Mark a QUEUED or RUNNING task CANCELLED; None if it is in neither status."""

@@ -303,6 +303,7 @@ class FakeArk(FakeUpstream[_Plan]):
             if not response.prepared:  # like Ark: headers come with the first image
                 await response.prepare(request)
             await response.write(f"event: {event}\ndata: {frame}\n\n".encode())
+            record.frames_sent.append(time.monotonic())
         if attempts == 0 and step:
             await asyncio.sleep(step)
         if plan.drop is not None:

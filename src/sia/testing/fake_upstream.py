@@ -23,7 +23,7 @@ import asyncio
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, Self, TypedDict, TypeVar
 
 from aiohttp import web
@@ -61,6 +61,7 @@ class RecordedRequest:
     status: int | None = None
     images: int = 0
     ended: float | None = None  # time.monotonic()
+    frames_sent: list[float] = field(default_factory=list)  # time.monotonic() of each image frame
 
     def header(self, name: str) -> str | None:
         """A request header by case-insensitive name."""

@@ -1,0 +1,91 @@
+"""Running a task: the generation, its images kept, a group's progress, its webhooks.
+
+`TaskRunner` is what the task backends' workers call with each task they
+claim. Tasks always ask the provider for image bytes (their results must
+outlive the provider's URLs, which Ark's do not past 24 h) and keep every
+image in the blob store. A group shows each image as it arrives: stored,
+written to the task (`TaskBackend.progress`, so GetImageTask and watchers see
+it while the task runs) and, when asked, posted to the task's webhook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from sia import images
+from sia.domain import GenerationResult, ImageError, ResponseFormat, TaskStatus, Usage, utcnow
+from sia.errors import ImageStoreUnavailable, SiaError
+from sia.images import with_images
+from sia.logs import get_logger
+from sia.service import as_bytes
+
+if TYPE_CHECKING:
+    from sia.domain import GeneratedImage, Task
+    from sia.service import ImageService
+
+log = get_logger("sia.runner")
+
+
+class TaskRunner:
+    """Runs one claimed task to its result; see the module docstring."""
+
+    def __init__(self, service: ImageService) -> None:
+        self.service = service
+
+    async def __call__(self, task: Task) -> GenerationResult:
+        """Generate `task`'s images and keep them; raise SiaError for the task's failure.
+
+        The generation is billed: a failing blob store is retried, never the
+        generation. Its key is checked again (revoked: KeyRevoked; over a quota
+        or budget: QuotaExceeded) and the account's images per minute waited for.
+        """
+        service, request = self.service, as_bytes(task.request)
+        kept: dict[int, GeneratedImage] = {}
+
+        async def on_image(image: GeneratedImage) -> None:
+            try:
+                image = kept[image.index] = await service.images.keep(image)
+            except ImageStoreUnavailable:
+                return  # the bytes stay with the result: the end stores them, with retries
+            partial = GenerationResult(
+                model=request.model,
+                images=tuple(kept[index] for index in sorted(kept)),
+                usage=Usage(generated_images=sum(1 for i in kept.values() if i.ok)),
+            )
+            await service.tasks.progress(task.id, partial)
+            if request.webhook_images and service.webhooks is not None:
+                shown = await self._shown(task, partial, TaskStatus.RUNNING)
+                await service.webhooks.enqueue(shown, "task.image", image=image)
+
+        progress = on_image if request.sequential else None
+        try:
+            if service.access is None:
+                result = await service.call_provider(request, None, task.owner, progress)
+            else:
+                async with service.access.running(task.owner, request):
+                    result = await service.call_provider(request, None, task.owner, progress)
+            result = await service.images.keep_all(
+                with_images(result, kept), retry_delays=images.STORE_RETRY_DELAYS
+            )
+        except SiaError as exc:
+            if service.webhooks is not None:
+                failed = dataclasses.replace(
+                    task, status=TaskStatus.FAILED, finished_at=utcnow(), error=_error(exc)
+                )
+                await service.webhooks.enqueue(failed, "task.failed")
+            raise
+        if service.webhooks is not None:
+            done = await self._shown(task, result, TaskStatus.SUCCEEDED)
+            await service.webhooks.enqueue(done, "task.succeeded")
+        return result
+
+    async def _shown(self, task: Task, result: GenerationResult, status: TaskStatus) -> Task:
+        """`task` as a webhook shows it: `status`, with `result`'s images as links."""
+        linked = await self.service.images.materialize(result, ResponseFormat.URL)
+        finished = utcnow() if status.is_terminal else None
+        return dataclasses.replace(task, status=status, result=linked, finished_at=finished)
+
+
+def _error(exc: SiaError) -> ImageError:
+    return ImageError(exc.reason, exc.message)
