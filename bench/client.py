@@ -20,6 +20,9 @@ Commands (`op`):
             GetImageTask until it finishes; tasks/s from the server's timestamps
     probe   one call; writes the serialized response to `out`
     quit    exit
+
+and target 7's commands (streams, watches and the fake Ark they need), in
+bench/client_stream.py.
 """
 
 from __future__ import annotations
@@ -305,9 +308,17 @@ def _window(cmd: dict[str, Any]) -> Window:
 OPS = {"load": op_load, "burst": op_burst, "http": op_http, "e2e": op_e2e, "probe": op_probe}
 
 
+def all_ops() -> dict[str, Any]:
+    """These commands and bench/client_stream.py's (which imports this module's helpers)."""
+    from bench import client_stream  # noqa: PLC0415 - imported after this module is complete
+
+    return {**OPS, **client_stream.OPS}
+
+
 async def main_async() -> None:
     """Answer commands until `quit` or end of input."""
     loop = asyncio.get_running_loop()
+    ops = all_ops()
     while True:
         line = await loop.run_in_executor(None, sys.stdin.readline)
         if not line or not line.strip():
@@ -316,7 +327,7 @@ async def main_async() -> None:
         if cmd["op"] == "quit":
             return
         try:
-            result = await OPS[cmd["op"]](cmd)
+            result = await ops[cmd["op"]](cmd)
         except Exception as exc:  # reported to the orchestrator, which decides
             result = {"failed": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(result) + "\n")

@@ -30,6 +30,17 @@ class Config:
     slow_latency: float = 2.0  # the upstream of targets 5 and 6
     rss_wait: float = 60.0  # target 5: RSS read this long after the burst
     e2e_tasks: int = 16  # target 6: tasks submitted at once, end to end
+    #: Target 7: groups of `stream_images` images, `image_latency` s apart, one at a time and
+    #: `stream_concurrency` at once; then `watchers` idle watches of `watch_tasks` running
+    #: tasks over `watch_channels` connections, the server's CPU read over `watch_idle` s.
+    stream_groups: int = 20
+    stream_images: int = 4
+    image_latency: float = 0.1
+    stream_concurrency: int = 8
+    watchers: int = 1000
+    watch_tasks: int = 10
+    watch_channels: int = 4
+    watch_idle: float = 5.0
     redis: str = "auto"  # "auto": measure when `sia serve` accepts TASK_BACKEND=redis; "off"
     redis_url: str = "redis://127.0.0.1:6379/0"
     echo_uvloop: bool = False
@@ -41,7 +52,7 @@ class Config:
     #: cores is measured again (at most `noisy_retries` times in a run).
     noisy_cores: float = 0.5
     noisy_retries: int = 2  # per target
-    only: tuple[str, ...] = ("1", "3", "4", "5", "6")  # targets to measure (2 comes with 1)
+    only: tuple[str, ...] = ("1", "3", "4", "5", "6", "7")  # targets to measure (2 comes with 1)
 
     @property
     def burst_wall_limit(self) -> float:
@@ -62,6 +73,14 @@ SMOKE = Config(
     slow_latency=0.2,
     rss_wait=1.0,
     e2e_tasks=4,
+    stream_groups=3,
+    stream_images=2,
+    image_latency=0.05,
+    stream_concurrency=2,
+    watchers=50,
+    watch_tasks=2,
+    watch_channels=2,
+    watch_idle=0.5,
     redis="off",
 )
 

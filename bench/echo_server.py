@@ -7,6 +7,8 @@ under test, so the client receives exactly the bytes SIA sends:
 
     /bench.Echo/Small   the answer to a URL GenerateImage call (a few hundred bytes)
     /bench.Echo/Large   the answer to a B64_JSON GenerateImage call (the image's bytes)
+    /bench.Echo/Hold    a server stream: the Small answer once, then nothing until the
+                        client cancels (target 7's idle watches, without SIA)
 
 It uses the same channel options as SIA (message size, pending-call and stream
 limits) and prints one JSON line `{"event": "echo_ready", "port": N}` once it
@@ -22,9 +24,13 @@ import asyncio
 import json
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
 
 SERVICE = "bench.Echo"
 MAX_MESSAGE = 64 * 1024 * 1024
@@ -46,6 +52,14 @@ def _handler(answer: bytes) -> grpc.RpcMethodHandler[bytes, bytes]:
     return grpc.unary_unary_rpc_method_handler(unary)
 
 
+def _hold(answer: bytes) -> grpc.RpcMethodHandler[bytes, bytes]:
+    async def hold(_: bytes, __: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+        yield answer
+        await asyncio.Event().wait()  # until the client cancels the call
+
+    return grpc.unary_stream_rpc_method_handler(hold)
+
+
 async def serve_until_signalled(
     server: grpc.aio.Server, host: str, port: int, ready_event: str
 ) -> None:
@@ -64,7 +78,7 @@ async def serve_until_signalled(
 async def serve(host: str, port: int, small: bytes, large: bytes) -> None:
     """Serve until SIGTERM or SIGINT."""
     server = grpc.aio.server(options=OPTIONS)
-    handlers = {"Small": _handler(small), "Large": _handler(large)}
+    handlers = {"Small": _handler(small), "Large": _handler(large), "Hold": _hold(small)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     await serve_until_signalled(server, host, port, "echo_ready")
 

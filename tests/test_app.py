@@ -21,7 +21,7 @@ from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
 from sia.config import Settings
-from sia.domain import GenerationRequest, GenerationResult, Task, TaskStatus
+from sia.domain import GenerationRequest, GenerationResult, OnImage, Task, TaskStatus
 from sia.providers.offline import OfflineProvider
 from tests.helpers import TEST_SIZE, MakeSettings
 from tests.process import client, serve, server_env
@@ -79,7 +79,9 @@ class GatedProvider(OfflineProvider):
         self.calls = 0
         self.cancelled = 0
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, on_image: OnImage | None = None
+    ) -> GenerationResult:
         self.calls += 1
         self.started.set()
         try:
@@ -236,7 +238,9 @@ class CountingProvider(OfflineProvider):
         super().__init__()
         self.calls = 0
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, on_image: OnImage | None = None
+    ) -> GenerationResult:
         self.calls += 1
         return await super().generate(request, timeout=timeout)
 

@@ -37,6 +37,10 @@ ROW_IDS = {
     "6b",
     "6c",
     "6d",
+    "7a",
+    "7b",
+    "7c",
+    "7d",
 }
 RESULTS = {"pass", "FAIL", "pending", "skipped", "info"}
 
@@ -69,7 +73,7 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["result"] in RESULTS
         assert {"name", "baseline", "figure", "ratio", "target"} <= row.keys()
-    for key in ("throughput", "latency", "large", "burst", "burst_rss_after", "async"):
+    for key in ("throughput", "latency", "large", "burst", "burst_rss_after", "async", "streams"):
         assert key in report["raw"]
     assert rows["6b"]["result"] == "skipped"  # the smoke run leaves Redis out
 

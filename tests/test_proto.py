@@ -65,6 +65,15 @@ def test_every_rpc_of_the_contract() -> None:
         "CancelImageTask": ("CancelImageTaskRequest", "CancelImageTaskResponse"),
         "ListImageTasks": ("ListImageTasksRequest", "ListImageTasksResponse"),
         "GetUsage": ("GetUsageRequest", "GetUsageResponse"),
+        "StreamSequentialImages": (
+            "GenerateSequentialImagesRequest",
+            "StreamSequentialImagesResponse",
+        ),
+        "GenerateSequentialImagesAsync": (
+            "GenerateSequentialImagesRequest",
+            "GenerateImageAsyncResponse",
+        ),
+        "WatchImageTask": ("WatchImageTaskRequest", "GetImageTaskResponse"),
     }
     watermark = pb.GenerateImageRequest.DESCRIPTOR.fields_by_name["watermark"]
     assert watermark.has_presence, "watermark must tell unset from false"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from sia import service
 from sia.app import App
-from sia.domain import GenerationRequest, GenerationResult, TaskStatus, utcnow
+from sia.domain import GenerationRequest, GenerationResult, OnImage, TaskStatus, utcnow
 from sia.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -64,7 +64,9 @@ class HangingProvider:
     name = "hanging"
     models = ARK_MODELS
 
-    async def generate(self, request: GenerationRequest, *, timeout: float) -> GenerationResult:
+    async def generate(
+        self, request: GenerationRequest, *, timeout: float, on_image: OnImage | None = None
+    ) -> GenerationResult:
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 

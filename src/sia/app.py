@@ -1,7 +1,8 @@
 """The application: opens every resource, runs until a signal, shuts down in order.
 
 Start-up order: blob store, provider, task backend, access control (keys and
-usage loaded), the task workers, gRPC server, HTTP server, retention sweeper,
+usage loaded), the webhook deliveries (their worker resends what a previous
+run left pending), the task workers, gRPC server, HTTP server, retention sweeper,
 access sync (usage written, keys reloaded), readiness monitor; then readiness
 turns serving. The monitor checks the task store and the blob store every
 READINESS_INTERVAL seconds, so either one failing takes the instance out of
@@ -40,6 +41,7 @@ from sia.runner import TaskRunner
 from sia.service import ImageService
 from sia.storage.local import ImageLinks, LocalBlobStore
 from sia.tasks.sqlite import SqliteTaskBackend
+from sia.webhooks import Webhooks, build_delivery_store
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -187,6 +189,12 @@ class App:
         self.access = build_access(settings, self.metrics)
         stack.push_async_callback(self.access.aclose)
         await self.access.start()
+        deliveries = build_delivery_store(settings)
+        await deliveries.open()
+        stack.push_async_callback(deliveries.aclose)
+        self.webhooks = Webhooks(settings, deliveries, self.metrics)
+        await self.webhooks.start()
+        stack.push_async_callback(self.webhooks.aclose)
         self.service = ImageService(
             settings,
             provider=self.provider,
@@ -195,6 +203,7 @@ class App:
             metrics=self.metrics,
             readiness=self.readiness,
             access=self.access,
+            webhooks=self.webhooks,
         )
         self._check_default_size()
         await self.tasks.start(TaskRunner(self.service))

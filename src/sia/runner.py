@@ -19,6 +19,7 @@ from sia.errors import ImageStoreUnavailable, SiaError
 from sia.images import with_images
 from sia.logs import get_logger
 from sia.service import as_bytes
+from sia.webhooks import TASK_FAILED, TASK_IMAGE, TASK_SUCCEEDED
 
 if TYPE_CHECKING:
     from sia.domain import GeneratedImage, Task
@@ -56,7 +57,7 @@ class TaskRunner:
             await service.tasks.progress(task.id, partial)
             if request.webhook_images and service.webhooks is not None:
                 shown = await self._shown(task, partial, TaskStatus.RUNNING)
-                await service.webhooks.enqueue(shown, "task.image", image=image)
+                await service.webhooks.enqueue(shown, TASK_IMAGE, image=image)
 
         progress = on_image if request.sequential else None
         try:
@@ -73,11 +74,11 @@ class TaskRunner:
                 failed = dataclasses.replace(
                     task, status=TaskStatus.FAILED, finished_at=utcnow(), error=_error(exc)
                 )
-                await service.webhooks.enqueue(failed, "task.failed")
+                await service.webhooks.enqueue(failed, TASK_FAILED)
             raise
         if service.webhooks is not None:
             done = await self._shown(task, result, TaskStatus.SUCCEEDED)
-            await service.webhooks.enqueue(done, "task.succeeded")
+            await service.webhooks.enqueue(done, TASK_SUCCEEDED)
         return result
 
     async def _shown(self, task: Task, result: GenerationResult, status: TaskStatus) -> Task:

@@ -29,6 +29,7 @@ from sia.validation import (
     check_images,
     check_reference_total,
 )
+from sia.webhooks import TASK_CANCELLED
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -199,7 +200,7 @@ class ImageService:
     async def submit(self, request: GenerationRequest, *, caller: ApiKey | None = None) -> Task:
         """Store `request` (one image or a group) as a task of the caller (or return the
         caller's task of its request_id, which must be for the same request)."""
-        if request.webhook_url and self.webhooks is not None:
+        if self.webhooks is not None:
             self.webhooks.check(request)
         if self.access is not None:
             await self.access.admit(caller, request)
@@ -252,7 +253,7 @@ class ImageService:
         await self._own_task(task_id, caller)
         task = await self.tasks.cancel(task_id)
         if self.webhooks is not None:
-            await self.webhooks.enqueue(task, "task.cancelled")
+            await self.webhooks.enqueue(await self._shown(task), TASK_CANCELLED)
         return task
 
     async def list_tasks(

@@ -300,7 +300,9 @@ async def test_internal_errors_hide_the_trace(make_settings: MakeSettings) -> No
 
         models = ARK_MODELS
 
-        async def generate(self, request: object, *, timeout: float) -> object:
+        async def generate(
+            self, request: object, *, timeout: float, on_image: object = None
+        ) -> object:
             raise ZeroDivisionError("secret internals")
 
         async def aclose(self) -> None:

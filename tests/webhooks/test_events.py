@@ -75,10 +75,20 @@ def test_image_event_adds_the_image() -> None:
     }
 
 
-def test_every_event_has_an_id_of_its_own() -> None:
-    """Two events of one task are two deliveries, told apart by their ids."""
-    task = make_task("https://hooks.example/in")
-    assert task_event(task, TASK_SUCCEEDED).id != task_event(task, TASK_SUCCEEDED).id
+def test_an_event_has_one_id_however_often_it_is_made() -> None:
+    """The id follows the task, the type and the image: the same event made twice (a task
+    re-run) keeps its id, so the store and the receiver see one event."""
+    task, other = make_task("https://hooks.example/in"), make_task("https://hooks.example/in")
+    first, second = task_event(task, TASK_SUCCEEDED), task_event(task, TASK_SUCCEEDED)
+    assert first.id == second.id
+    ids = {
+        first.id,
+        task_event(other, TASK_SUCCEEDED).id,
+        task_event(task, TASK_IMAGE, image=GeneratedImage(index=0)).id,
+        task_event(task, TASK_IMAGE, image=GeneratedImage(index=1)).id,
+    }
+    assert len(ids) == 4
+    assert all(len(each) == len("msg_") + 24 for each in ids)
 
 
 def test_final_kind_follows_the_status() -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from redis import asyncio as aioredis
 
 from sia.errors import ConfigError
 from sia.webhooks.redis_store import RedisDeliveryStore
@@ -167,3 +168,23 @@ def test_the_store_sits_beside_the_tasks(make_settings: MakeSettings, tmp_path: 
     redis_store = build_delivery_store(make_settings(task_backend="redis", redis_queue="q1"))
     assert isinstance(redis_store, RedisDeliveryStore)
     assert redis_store.queue == "q1"
+
+
+async def test_redis_drops_a_damaged_record() -> None:
+    """A record that is no JSON is dropped at claim, not claimed again every lease."""
+    await require_redis()
+    queue = f"test-webhooks-{uuid.uuid4().hex[:12]}"
+    try:
+        async with RedisDeliveryStore(REDIS_URL, queue) as store:
+            await store.add(make_delivery("msg_good", next_at=NOW))
+            client = aioredis.from_url(REDIS_URL)
+            try:
+                await client.hset(f"sia:{queue}:webhooks:records", "msg_bad", "{not json")  # type: ignore[misc]
+                await client.zadd(f"sia:{queue}:webhooks:due", {"msg_bad": NOW - 1})
+            finally:
+                await client.aclose()
+            claimed = await store.claim_due(NOW, 10, lease=LEASE)
+            assert [d.id for d in claimed] == ["msg_good"]
+            assert await store.pending() == 1
+    finally:
+        await delete_webhook_keys(queue)

@@ -127,7 +127,9 @@ def test_is_public(address: str, public: bool) -> None:
 
 def test_origin_keeps_only_scheme_host_and_port() -> None:
     """What a log line may show of a webhook URL: never its path or query."""
-    assert origin("https://hooks.example:8443/in/abc?token=s3cret#x") == "https://hooks.example:8443"
+    assert (
+        origin("https://hooks.example:8443/in/abc?token=s3cret#x") == "https://hooks.example:8443"
+    )
     assert origin("http://[::1") == "<invalid url>"
 
 
@@ -162,7 +164,7 @@ async def test_resolve_public_refuses_any_bad_address_among_good(
 ) -> None:
     """One private address among public ones refuses the name (a rebinding resolver's mix)."""
     fake_getaddrinfo(monkeypatch, "93.184.216.34", "169.254.169.254")
-    with pytest.raises(RefusedAddress, match="169.254.169.254"):
+    with pytest.raises(RefusedAddress, match=r"169\.254\.169\.254"):
         await resolve_public("hooks.example", 443, allow_private=False)
 
 

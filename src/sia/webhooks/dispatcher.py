@@ -268,7 +268,7 @@ class Webhooks:
     async def _run(self) -> None:
         """Claim due deliveries and start their attempts, for as long as the dispatcher runs."""
         failures = 0
-        while True:
+        while not self._closed:
             self._wake.clear()
             free = self.concurrency - len(self._in_flight)
             claimed: list[Delivery] = []
@@ -290,8 +290,10 @@ class Webhooks:
                     attempt.add_done_callback(self._finished)
             if free > 0 and len(claimed) == free:
                 continue  # more may be due: claim again once a slot frees
+            # Not wait_for: on 3.11 it swallows a cancel that lands as the event is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
 
     def _finished(self, attempt: asyncio.Task[None]) -> None:
         self._in_flight.pop(attempt, None)

@@ -10,15 +10,17 @@
 `task.failed` and `task.cancelled` carry the task's `error` ({code, message})
 and whatever images it holds; `task.image` (per image of a group, when the
 caller asked with webhook_each_image) adds `image`, the one just produced.
-An event's id (`msg_...`) becomes the `webhook-id` header, the same on every
-retry, so a receiver can drop the duplicates that at-least-once delivery
-allows. Images are never inlined: a task that asked for b64_json has empty
-URLs here, and its images are read with GetImageTask.
+An event's id (`msg_...`, derived from the task, the type and the image's
+index) becomes the `webhook-id` header, the same on every retry, so a
+receiver can drop the duplicates that at-least-once delivery allows.
+Images are never inlined: a task that asked for b64_json has empty URLs
+here, and its images are read with GetImageTask.
 """
 
 from __future__ import annotations
 
-import secrets
+import base64
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, Final
@@ -54,9 +56,17 @@ class Event:
     payload: bytes
 
 
-def new_event_id() -> str:
-    """A fresh webhook-id: `msg_` and 24 URL-safe characters (no '.', which signing uses)."""
-    return "msg_" + secrets.token_urlsafe(18)
+def event_id(task_id: str, kind: str, image_index: int | None = None) -> str:
+    """The webhook-id of one event of one task: `msg_` and 24 URL-safe characters.
+
+    Derived from what the event is, not drawn at random: a runner that enqueues
+    the same event twice (a task re-run after a crash between its final write
+    and the enqueue) stores it once, or, if the first was already delivered,
+    sends it under the same id, which the receiver drops as a duplicate.
+    """
+    name = f"{task_id}\n{kind}\n{'' if image_index is None else image_index}"
+    digest = hashlib.sha256(name.encode()).digest()[:18]
+    return "msg_" + base64.urlsafe_b64encode(digest).decode()
 
 
 def final_kind(task: Task) -> str:
@@ -91,7 +101,10 @@ def task_event(task: Task, kind: str, *, image: GeneratedImage | None = None) ->
     if image is not None:
         data["image"] = _image(image)
     body = {"type": kind, "timestamp": _iso(utcnow()), "data": data}
-    return Event(id=new_event_id(), type=kind, task_id=task.id, payload=orjson.dumps(body))
+    index = None if image is None else image.index
+    return Event(
+        id=event_id(task.id, kind, index), type=kind, task_id=task.id, payload=orjson.dumps(body)
+    )
 
 
 def _image(image: GeneratedImage) -> dict[str, Any]:

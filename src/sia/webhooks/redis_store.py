@@ -30,11 +30,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from sia.errors import ConfigError
+from sia.logs import get_logger
 from sia.tasks.redis_queue import FAULTS, ping
 from sia.webhooks.store import Delivery, store_faults
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+log = get_logger("sia.webhooks")
 
 #: A call fails within about a second when Redis is down rather than hang.
 _CLIENT_OPTIONS: dict[str, Any] = {
@@ -144,20 +147,25 @@ class RedisDeliveryStore:
         claimed = []
         for i in range(0, len(flat), _FIELDS):
             id, record, attempts, last_error = flat[i : i + _FIELDS]
-            fixed = json.loads(record)
-            claimed.append(
-                Delivery(
+            try:
+                fixed = json.loads(record)
+                delivery = Delivery(
                     id=id,
-                    task_id=fixed["task_id"],
-                    type=fixed["type"],
-                    url=fixed["url"],
-                    payload=fixed["payload"],
+                    task_id=str(fixed["task_id"]),
+                    type=str(fixed["type"]),
+                    url=str(fixed["url"]),
+                    payload=str(fixed["payload"]),
                     created_at=float(fixed["created_at"]),
                     next_at=now + lease,
                     attempts=int(attempts),
                     last_error=last_error,
                 )
-            )
+            except (ValueError, TypeError, KeyError) as exc:
+                # A damaged record can never be sent: drop it rather than claim it forever.
+                log.error("webhook_delivery_unreadable", webhook_id=id, error=str(exc)[:200])
+                await self.done(id)
+                continue
+            claimed.append(delivery)
         return claimed
 
     async def reschedule(self, id: str, next_at: float, attempts: int, last_error: str) -> bool:

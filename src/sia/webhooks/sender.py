@@ -99,6 +99,7 @@ class Sender:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.timeout, connect=self.timeout),
             headers={"User-Agent": USER_AGENT},
+            skip_auto_headers=("Accept-Encoding",),  # an answer is read raw, for the log
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             trust_env=False,
