@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, ResponseFormat, utcnow
 from sia.errors import DeadlineExceeded, RequestIdReused, ShuttingDown, SiaError, TaskNotFound
@@ -79,6 +79,7 @@ class ImageService:
         self.tasks = tasks
         self.store = store
         self.images = ImageKeeper(store)
+        self._shutdown: asyncio.Future[Any] | None = None
         self.webhooks = webhooks
         self.metrics = metrics
         self.readiness = readiness
@@ -233,20 +234,23 @@ class ImageService:
             task = await self.get_task(task_id, caller=caller)
             yield task
             seen = _state(task)
-            stopping = asyncio.ensure_future(self.readiness.shutdown_begun.wait())
-            try:
-                while not task.status.is_terminal:
-                    changed = asyncio.ensure_future(changes.changed())
-                    await asyncio.wait((changed, stopping), return_when=asyncio.FIRST_COMPLETED)
-                    if not changed.done():
-                        changed.cancel()
-                        raise ShuttingDown
-                    task = await self.get_task(task_id, caller=caller)
-                    if (state := _state(task)) != seen:
-                        seen = state
-                        yield task
-            finally:
-                stopping.cancel()
+            stopping = self._stopping()
+            while not task.status.is_terminal:
+                changed = asyncio.ensure_future(changes.changed())
+                await asyncio.wait((changed, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if not changed.done():
+                    changed.cancel()
+                    raise ShuttingDown
+                task = await self.get_task(task_id, caller=caller)
+                if (state := _state(task)) != seen:
+                    seen = state
+                    yield task
+
+    def _stopping(self) -> asyncio.Future[Any]:
+        """One future every watch shares, done when shutdown begins."""
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self.readiness.shutdown_begun.wait())
+        return self._shutdown
 
     async def cancel_task(self, task_id: str, *, caller: ApiKey | None = None) -> Task:
         """Cancel a queued or running task of the caller."""
