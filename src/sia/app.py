@@ -1,8 +1,8 @@
 """The application: opens every resource, runs until a signal, shuts down in order.
 
-Start-up order: blob store, provider, task backend, access control (keys and
-usage loaded), the webhook deliveries (their worker resends what a previous
-run left pending), the task workers, gRPC server, HTTP server, retention sweeper,
+Start-up order: blob store, provider, the webhook deliveries (their worker
+resends what a previous run left pending), task backend, access control (keys
+and usage loaded), the task workers, gRPC server, HTTP server, retention sweeper,
 access sync (usage written, keys reloaded), readiness monitor; then readiness
 turns serving. The monitor checks the task store and the blob store every
 READINESS_INTERVAL seconds, so either one failing takes the instance out of
@@ -184,17 +184,19 @@ class App:
         stack.push_async_callback(self.store.aclose)
         self.provider = self._provider or build_provider(settings, self.readiness)
         stack.push_async_callback(self.provider.aclose)
-        self.tasks = build_tasks(settings, self.metrics)
-        stack.push_async_callback(self.tasks.aclose)
-        self.access = build_access(settings, self.metrics)
-        stack.push_async_callback(self.access.aclose)
-        await self.access.start()
+        # Opened before the task backend, so closed after it: runs ending in its final
+        # drain still store their events.
         deliveries = build_delivery_store(settings)
         await deliveries.open()
         stack.push_async_callback(deliveries.aclose)
         self.webhooks = Webhooks(settings, deliveries, self.metrics)
         await self.webhooks.start()
         stack.push_async_callback(self.webhooks.aclose)
+        self.tasks = build_tasks(settings, self.metrics)
+        stack.push_async_callback(self.tasks.aclose)
+        self.access = build_access(settings, self.metrics)
+        stack.push_async_callback(self.access.aclose)
+        await self.access.start()
         self.service = ImageService(
             settings,
             provider=self.provider,

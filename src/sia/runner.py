@@ -54,10 +54,10 @@ class TaskRunner:
                 images=tuple(kept[index] for index in sorted(kept)),
                 usage=Usage(generated_images=sum(1 for i in kept.values() if i.ok)),
             )
-            await service.tasks.progress(task.id, partial)
-            if request.webhook_images and service.webhooks is not None:
+            await service.tasks.progress(task.id, partial, attempt=task.attempts)
+            if request.webhook_images:
                 shown = await self._shown(task, partial, TaskStatus.RUNNING)
-                await service.webhooks.enqueue(shown, TASK_IMAGE, image=image)
+                await self._post(shown, TASK_IMAGE, image=image)
 
         progress = on_image if request.sequential else None
         try:
@@ -70,16 +70,26 @@ class TaskRunner:
                 with_images(result, kept), retry_delays=images.STORE_RETRY_DELAYS
             )
         except SiaError as exc:
-            if service.webhooks is not None:
+            if request.webhook_url:
                 failed = dataclasses.replace(
                     task, status=TaskStatus.FAILED, finished_at=utcnow(), error=_error(exc)
                 )
-                await service.webhooks.enqueue(failed, TASK_FAILED)
+                await self._post(failed, TASK_FAILED)
             raise
-        if service.webhooks is not None:
-            done = await self._shown(task, result, TaskStatus.SUCCEEDED)
-            await service.webhooks.enqueue(done, TASK_SUCCEEDED)
+        if request.webhook_url:
+            await self._post(await self._shown(task, result, TaskStatus.SUCCEEDED), TASK_SUCCEEDED)
         return result
+
+    async def _post(self, task: Task, kind: str, *, image: GeneratedImage | None = None) -> None:
+        """Store a webhook event of `task`; a failing delivery store never fails the task
+        (its images are generated and billed): the fault is logged and the event lost."""
+        webhooks = self.service.webhooks
+        if webhooks is None:
+            return
+        try:
+            await webhooks.enqueue(task, kind, image=image)
+        except Exception as exc:  # the task's outcome stands whatever the webhooks do
+            log.error("webhook_event_lost", task_id=task.id, kind=kind, error=repr(exc)[:200])
 
     async def _shown(self, task: Task, result: GenerationResult, status: TaskStatus) -> Task:
         """`task` as a webhook shows it: `status`, with `result`'s images as links."""

@@ -231,20 +231,22 @@ class ImageService:
         watches again on another instance) rather than cutting it.
         """
         async with self.tasks.watch(task_id) as changes:
-            task = await self.get_task(task_id, caller=caller)
-            yield task
+            task = await self._own_task(task_id, caller)
+            yield await self._shown(task)
             seen = _state(task)
             stopping = self._stopping()
             while not task.status.is_terminal:
                 changed = asyncio.ensure_future(changes.changed())
-                await asyncio.wait((changed, stopping), return_when=asyncio.FIRST_COMPLETED)
-                if not changed.done():
-                    changed.cancel()
+                try:
+                    await asyncio.wait((changed, stopping), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()  # the caller's cancel or deadline, or shutdown
+                if not changed.done() or changed.cancelled():
                     raise ShuttingDown
-                task = await self.get_task(task_id, caller=caller)
-                if (state := _state(task)) != seen:
+                task = await self._own_task(task_id, caller)
+                if (state := _state(task)) != seen:  # compared before reading any image
                     seen = state
-                    yield task
+                    yield await self._shown(task)
 
     def _stopping(self) -> asyncio.Future[Any]:
         """One future every watch shares, done when shutdown begins."""
@@ -256,8 +258,13 @@ class ImageService:
         """Cancel a queued or running task of the caller."""
         await self._own_task(task_id, caller)
         task = await self.tasks.cancel(task_id)
-        if self.webhooks is not None:
-            await self.webhooks.enqueue(await self._shown(task), TASK_CANCELLED)
+        if self.webhooks is not None and task.request.webhook_url:
+            try:
+                await self.webhooks.enqueue(await self._shown(task), TASK_CANCELLED)
+            except SiaError as exc:  # the cancel stands; only its event is lost
+                log.error(
+                    "webhook_event_lost", task_id=task_id, kind=TASK_CANCELLED, error=exc.message
+                )
         return task
 
     async def list_tasks(

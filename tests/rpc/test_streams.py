@@ -16,6 +16,7 @@ import pytest
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as grpc_pb
 from sia.app import App
+from sia.rpc import convert
 from sia.testing.fake_ark import FakeArk
 from tests.tasks.backend_helpers import REDIS_URL, delete_queue_keys, require_redis
 from tests.waiting import until, within
@@ -205,3 +206,39 @@ async def test_a_watch_on_another_replica_follows_the_task(
     assert story[-1] == ("TASK_STATUS_SUCCEEDED", 3)
     counts = [count for status, count in story if status == "TASK_STATUS_RUNNING"]
     assert counts == sorted(counts) and 2 in counts
+
+
+async def test_a_cancelled_watch_leaves_nothing_behind(
+    make_settings: MakeSettings, fake: FakeArk
+) -> None:
+    """Watches a client cancels release their subscription and leave no waiting task."""
+    settings = make_settings(image_provider="ark", image_api_key=KEY, image_base_url=fake.base_url)
+    async with App(settings) as app:
+        task = await app.service.submit(
+            convert.sequential_request(_group(images=4), app.service.defaults)
+        )
+
+        async def follow() -> None:
+            async for _ in app.service.watch(task.id):
+                pass
+
+        watchers = [asyncio.ensure_future(follow()) for _ in range(50)]
+        await asyncio.sleep(0.2)
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() if "changed" in repr(t.get_coro())]
+        assert left == []
+        await app.service.cancel_task(task.id)
+
+
+async def test_webhook_fields_on_a_call_that_answers_at_once_are_refused(
+    ark_stub: grpc_pb.ImageServiceStub,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await ark_stub.GenerateImage(
+            pb.GenerateImageRequest(prompt="x", size="2K", webhook_url="https://example.com/h")
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "webhook_url" in (refused.value.details() or "")

@@ -111,7 +111,7 @@ class ProgressRunner:
         self.started.set()
         for count in range(1, self.images + 1):
             done = await self._steps.get()
-            await self.backend.progress(task.id, images_result(task, count))
+            await self.backend.progress(task.id, images_result(task, count), attempt=task.attempts)
             done.set()
         (await self._steps.get()).set()
         return images_result(task, self.images + 1)

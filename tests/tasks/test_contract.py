@@ -657,9 +657,9 @@ async def test_progress_shows_the_images_so_far_until_the_result_replaces_them(
     done = await wait_status(backend, task.id, TaskStatus.SUCCEEDED)
     assert done.result == images_result(task, 3)
 
-    await backend.progress(task.id, images_result(task, 1))
+    await backend.progress(task.id, images_result(task, 1), attempt=task.attempts)
     assert await backend.get(task.id) == done
-    await backend.progress("task_unknown", images_result(task, 1))
+    await backend.progress("task_unknown", images_result(task, 1), attempt=1)
     with pytest.raises(TaskNotFound):
         await backend.get("task_unknown")
 
@@ -671,14 +671,14 @@ async def test_progress_of_a_task_not_running_is_ignored(backends: Make) -> None
     running = await backend.submit(_group())
     await runner.wait_started()
     queued = await backend.submit(_group())
-    await backend.progress(queued.id, images_result(queued, 1))
+    await backend.progress(queued.id, images_result(queued, 1), attempt=queued.attempts)
     assert (await backend.get(queued.id)).result is None
 
     await runner.step()
     assert (await backend.get(running.id)).result == images_result(running, 1)
     cancelled = await backend.cancel(running.id)
     assert (cancelled.status, cancelled.result) == (TaskStatus.CANCELLED, None)
-    await backend.progress(running.id, images_result(running, 2))
+    await backend.progress(running.id, images_result(running, 2), attempt=running.attempts)
     assert (await backend.get(running.id)).result is None
 
 
@@ -687,7 +687,7 @@ async def test_a_failed_group_shows_no_partial_images(backends: Make) -> None:
     holder: list[TaskBackend] = []
 
     async def runner(task: Task) -> GenerationResult:
-        await holder[0].progress(task.id, images_result(task, 1))
+        await holder[0].progress(task.id, images_result(task, 1), attempt=task.attempts)
         raise Unavailable("upstream went away")
 
     backend = backends()

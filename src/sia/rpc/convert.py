@@ -50,6 +50,15 @@ def _response_format(value: int) -> ResponseFormat:
         ) from None
 
 
+def asynchronous_only(msg: pb.GenerateImageRequest | pb.GenerateSequentialImagesRequest) -> None:
+    """Refuse the webhook fields on a call that answers at once: they mean a task."""
+    for name in ("webhook_url", "webhook_each_image"):
+        if getattr(msg, name, None):
+            raise InvalidArgument.field(
+                name, "only for GenerateImageAsync and GenerateSequentialImagesAsync"
+            )
+
+
 def generate_request(msg: pb.GenerateImageRequest, defaults: Defaults) -> GenerationRequest:
     """A validated domain request from GenerateImageRequest."""
     return _validated(

@@ -57,6 +57,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         self, request: pb.GenerateImageRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GenerateImageResponse:
         """Generate one image and wait for it."""
+        convert.asynchronous_only(request)
         domain = convert.generate_request(request, self.service.defaults)
         result = await self.service.generate(
             domain, caller=CALLER.get(), caller_timeout=context.time_remaining()
@@ -69,6 +70,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> pb.GenerateImageResponse:
         """Generate a group of images and wait for them."""
+        convert.asynchronous_only(request)
         domain = convert.sequential_request(request, self.service.defaults)
         result = await self.service.generate(
             domain, caller=CALLER.get(), caller_timeout=context.time_remaining()
@@ -81,6 +83,7 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.StreamSequentialImagesResponse]:
         """Generate a group, sending each image as the provider produces it."""
+        convert.asynchronous_only(request)
         domain = convert.sequential_request(request, self.service.defaults)
         events = self.service.stream(
             domain, caller=CALLER.get(), caller_timeout=context.time_remaining()

@@ -103,9 +103,11 @@ class TaskBackend(Protocol):
         """
         ...
 
-    async def progress(self, task_id: str, result: GenerationResult) -> None:
+    async def progress(self, task_id: str, result: GenerationResult, *, attempt: int) -> None:
         """Store the images a RUNNING task has so far (GetImageTask shows them while it
-        still runs) and tell its watchers; nothing when the task is no longer running."""
+        still runs) and tell its watchers; nothing when the task is no longer running,
+        or runs as another attempt than `attempt` (the writer's: a stale run's images
+        never show as a newer one's)."""
         ...
 
     def watch(self, task_id: str) -> TaskWatch:

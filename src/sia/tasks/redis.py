@@ -303,7 +303,7 @@ class RedisTaskBackend:
         self._count("task_outcomes", TaskStatus.CANCELLED.value)
         return await self.get(task_id)
 
-    async def progress(self, task_id: str, result: GenerationResult) -> None:
+    async def progress(self, task_id: str, result: GenerationResult, *, attempt: int) -> None:
         """Store a RUNNING task's images so far and announce the change; nothing otherwise.
 
         Best effort: a Redis fault is logged, not raised, so that it never
@@ -315,6 +315,8 @@ class RedisTaskBackend:
             raw_job, marker = await redis.mget(queue.job_id(task_id), self._key("cancel", task_id))
             job = queue.deserialize(raw_job) if raw_job else None
             if job is None or marker is not None or job.status is not Status.ACTIVE:
+                return
+            if job.attempts != attempt:  # a stale run, the sweep having re-queued its job
                 return
             # Tagged with the attempt: a later attempt of the task never shows this one's.
             value = f"{job.attempts}:{int(time.time() * 1000)}:{stored}"

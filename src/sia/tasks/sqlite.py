@@ -156,7 +156,7 @@ class SqliteTaskBackend:
             job.cancel()
         return task
 
-    async def progress(self, task_id: str, result: GenerationResult) -> None:
+    async def progress(self, task_id: str, result: GenerationResult, *, attempt: int) -> None:
         """Store a RUNNING task's images so far and wake its watchers; nothing otherwise.
 
         Best effort: a store fault is logged, not raised, so that it never
@@ -164,7 +164,7 @@ class SqliteTaskBackend:
         """
         stored = result_to_json(result)
         try:
-            changed = await self._table.progress(task_id, stored)
+            changed = await self._table.progress(task_id, stored, attempt)
         except Unavailable:
             log.warning("task_progress_lost", task_id=task_id)
             return

@@ -93,7 +93,9 @@ UPDATE tasks SET status = ?, result = ?, error_code = ?, error_message = ?,
 WHERE id = ? AND status = 'running'
 """
 # The images a running task has so far; the end (_FINISH, _CANCEL, a requeue) replaces them.
-_PROGRESS = "UPDATE tasks SET result = ?, updated_at = ? WHERE id = ? AND status = 'running'"
+_PROGRESS = """
+UPDATE tasks SET result = ?, updated_at = ? WHERE id = ? AND status = 'running' AND attempts = ?
+"""
 _CANCEL = """
 UPDATE tasks SET status = 'cancelled', result = NULL, error_code = ?, error_message = ?,
     updated_at = ?, finished_at = ?
@@ -215,9 +217,9 @@ class TaskTable:
         params = (status.value, result, code, message, now, now, task_id)
         return bool(await self._execute(_FINISH, params))
 
-    async def progress(self, task_id: str, result: str) -> bool:
-        """Store the partial `result` of a RUNNING task; False if it was no longer RUNNING."""
-        return bool(await self._execute(_PROGRESS, (result, to_iso(utcnow()), task_id)))
+    async def progress(self, task_id: str, result: str, attempt: int) -> bool:
+        """Store the partial `result` of a task RUNNING as `attempt`; False otherwise."""
+        return bool(await self._execute(_PROGRESS, (result, to_iso(utcnow()), task_id, attempt)))
 
     async def cancel(self, task_id: str) -> Task | None:
         """Mark a QUEUED or RUNNING task CANCELLED; None if it is in neither status."""

@@ -391,7 +391,8 @@ def _signer(settings: Settings) -> Webhook | None:
         raise ConfigError(problem)
     encoded = text.removeprefix(prefix)
     try:
-        raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        # Strict, padding included: receivers' standardwebhooks decodes it so.
+        raw = base64.b64decode(encoded, validate=True)
     except binascii.Error:
         raise ConfigError(problem) from None
     if not SECRET_BYTES[0] <= len(raw) <= SECRET_BYTES[1]:

@@ -120,8 +120,8 @@ class Sender:
                 detail = "" if 200 <= status < 300 else await _head(response)
         except RefusedAddress as exc:
             return _failure(REFUSED_ADDRESS, str(exc), started)
-        except aiohttp.InvalidURL as exc:
-            return _failure(INVALID_URL, f"{type(exc).__name__}: {exc}", started)
+        except aiohttp.InvalidURL as exc:  # its text is the URL, token and all: not logged
+            return _failure(INVALID_URL, type(exc).__name__, started)
         except TimeoutError:
             return _failure(TIMEOUT, f"no answer within {self.timeout:g} s", started)
         except (aiohttp.ClientError, OSError) as exc:
