@@ -9,7 +9,7 @@ driver and a SIA server in front of it. Each target compares SIA with a
 baseline measured in the same run, repetition by repetition; the table shows
 the medians and the median of the per-repetition ratios.
 
-    python -m bench.run                    # the full run, ~4 minutes on 2 cores
+    python -m bench.run                    # the full run, ~5 minutes on 2 cores
     python -m bench.run --smoke --out F    # a tiny configuration that checks the harness
     python -m bench.run --profile DIR      # also py-spy profiles of SIA under targets 1 and 4
 
