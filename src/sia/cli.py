@@ -1,28 +1,49 @@
 """The `sia` command: `sia serve` runs the service, `sia keys` and `sia usage` manage
-access (`sia.access.cli`), `sia fake-ark` runs a fake upstream.
+access (`sia.access.cli`), `sia fake-ark` runs a fake upstream, and `sia generate`,
+`sia tasks` and `sia health` are a client of a running server (`sia.client_cli`).
 
-How the serving process tunes its loop, GC and heap is `sia.runtime`'s business.
+How the serving process tunes its loop, GC and heap is `sia.runtime`'s business. The
+server's modules (settings, logging, runtime, access) are imported only by the commands
+that need them, so the client commands start fast (`sia generate --help`).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from sia import __version__
-from sia.config import load_settings
-from sia.errors import ConfigError
-from sia.logs import configure_logging, get_logger
-from sia.runtime import exec_with_malloc_heap, heap_upkeep, run, tune_gc, tune_malloc
+from sia.client_cli import COMMANDS as CLIENT_COMMANDS
+from sia.client_cli import add_commands as add_client_commands
 
-log = get_logger("sia.cli")
+if TYPE_CHECKING:
+    from sia.config import Settings
+
+
+def tune_gc() -> None:
+    """`sia.runtime.tune_gc`, imported when serving (tests replace this)."""
+    from sia.runtime import tune_gc as tune  # noqa: PLC0415 - server-only
+
+    tune()
+
+
+def _load_settings() -> Settings:
+    from sia.config import load_settings  # noqa: PLC0415 - server-only
+
+    return load_settings()
 
 
 def _serve(_: argparse.Namespace) -> int:
-    from sia.app import serve  # noqa: PLC0415 - keeps `sia --help` fast
+    # Server-only imports: keeps `sia --help` and the client commands fast.
+    from sia.app import serve  # noqa: PLC0415
+    from sia.errors import ConfigError  # noqa: PLC0415
+    from sia.logs import configure_logging, get_logger  # noqa: PLC0415
+    from sia.runtime import heap_upkeep, run, tune_malloc  # noqa: PLC0415
 
+    log = get_logger("sia.cli")
     try:
-        settings = load_settings()
+        settings = _load_settings()
     except ConfigError as exc:
         print(f"sia: configuration error: {exc.message}", file=sys.stderr)
         return 2
@@ -47,20 +68,23 @@ def _serve(_: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with its sub-commands."""
+def build_parser(*, server_commands: bool = True) -> argparse.ArgumentParser:
+    """The argument parser with its sub-commands; without `server_commands`, `keys` and
+    `usage` are left out (their parsers import the server's access code)."""
     parser = argparse.ArgumentParser(prog="sia", description="SIA image-generation service")
     parser.add_argument("--version", action="version", version=f"sia {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC and HTTP servers (settings from env)")
     serve.set_defaults(func=_serve)
-    from sia.access.cli import add_commands  # noqa: PLC0415 - keeps `sia serve` lean
+    if server_commands:
+        from sia.access.cli import add_commands  # noqa: PLC0415 - keeps the client lean
 
-    add_commands(commands, load_settings)
+        add_commands(commands, _load_settings)
     # Listed for --help; main() hands its arguments to the fake's own parser.
     commands.add_parser(
         "fake-ark", help="run a fake Volcengine Ark API on loopback (`sia fake-ark --help`)"
     )
+    add_client_commands(commands)
     return parser
 
 
@@ -73,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
         fake_ark.main(argv[1:])
         return 0
-    args = build_parser().parse_args(argv)
+    client_command = bool(argv) and argv[0] in CLIENT_COMMANDS
+    args = build_parser(server_commands=not client_command).parse_args(argv)
     if own_command_line and args.command == "serve":
+        from sia.runtime import exec_with_malloc_heap  # noqa: PLC0415 - server-only
+
         exec_with_malloc_heap()  # returns only where it does not apply
     code: int = args.func(args)
     return code
