@@ -229,6 +229,8 @@ class App:
             metrics=self.metrics,
             images=self.store.image_dir,
             links=links,
+            service=self.service,
+            access=self.access,
         )
         await self.http.start()
         stack.push_async_callback(self.http.stop)

@@ -146,10 +146,11 @@ class MemoryWindows:
         if floor(previous * (WINDOW - into) / WINDOW) + current <= room:
             self._counts[names] = (index, previous, current + cost)
             return None
+        # The weighted count is floored: a share fits once it is below room + 1.
         if current <= room:  # the last minute's share decays enough within this one
-            return max(MIN_RETRY, WINDOW * (1 - (room - current) / previous) - into)
+            return max(MIN_RETRY, WINDOW * (1 - (room - current + 1) / previous) - into)
         # Not before this minute ends, and then until its own share has decayed enough.
-        return WINDOW - into + max(MIN_RETRY, WINDOW * (1 - max(room, 0) / current))
+        return WINDOW - into + max(MIN_RETRY, WINDOW * (1 - (max(room, 0) + 1) / current))
 
 
 class RedisWindows:

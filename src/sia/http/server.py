@@ -5,6 +5,10 @@ GET /ready           200 when this instance should get traffic, else 503 with re
 GET /metrics         Prometheus text format; with METRICS_TOKEN only for `Bearer <token>`
 GET /images/{key}    an image the local blob store keeps (only when it has a directory);
                      with `links`, only by a signed link that has not expired (else 403)
+POST /v1/images/generations, POST /v1/images/edits, GET /v1/models
+                     OpenAI-compatible image API (only with `service`; `sia.http.openai_api`)
+
+Request bodies are limited to GRPC_MAX_MESSAGE_MB, as gRPC messages are (413 beyond).
 
 With HTTP_TLS_CERT_FILE and HTTP_TLS_KEY_FILE the port speaks HTTPS only, and
 renewed files are loaded every TLS_RELOAD_INTERVAL seconds (`sia.tls`).
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sia.http.openai_api import OpenAIApi
 from sia.logs import get_logger
 from sia.storage.base import content_type_of, is_key
 from sia.tls import HttpTls
@@ -27,9 +32,11 @@ from sia.tls import HttpTls
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from sia.access.gate import AccessControl
     from sia.config import Settings
     from sia.health import Readiness
     from sia.metrics import Metrics
+    from sia.service import ImageService
     from sia.storage.local import ImageLinks
 
 log = get_logger("sia.http")
@@ -41,7 +48,8 @@ class HttpServer:
     `images` is the blob store's directory (`BlobStore.image_dir`), or None
     when stored images are linked elsewhere; `links` checks the signed links
     the store hands out (the store's own `ImageLinks`). Without `links` any
-    well-formed key is served, as before links were signed.
+    well-formed key is served, as before links were signed. With `service` the
+    OpenAI-compatible routes are served too, authenticated by `access`.
     """
 
     def __init__(
@@ -52,6 +60,8 @@ class HttpServer:
         metrics: Metrics,
         images: Path | None,
         links: ImageLinks | None = None,
+        service: ImageService | None = None,
+        access: AccessControl | None = None,
     ) -> None:
         self.settings = settings
         self.readiness = readiness
@@ -62,12 +72,14 @@ class HttpServer:
         self._metrics_token = None if token is None else token.get_secret_value().encode()
         self.tls: HttpTls | None = None
         self._tls_watch: asyncio.Task[None] | None = None
-        app = web.Application()
+        app = web.Application(client_max_size=settings.grpc_max_message_bytes)
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.scrape)
         if images is not None:
             app.router.add_get("/images/{key}", self.image)
+        if service is not None:
+            OpenAIApi(service, access).add_routes(app.router)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.port = 0
 

@@ -1,0 +1,364 @@
+"""OpenAI-compatible image endpoints on the HTTP port, for clients of OpenAI's Images API.
+
+POST /v1/images/generations  JSON: prompt, model, n, size, response_format ("url" or
+                             "b64_json"); quality, style, user and other OpenAI fields are
+                             ignored; seed, guidance_scale and watermark pass through
+POST /v1/images/edits        multipart: one or more `image` / `image[]` files (references),
+                             prompt, model, n, size, response_format
+GET  /v1/models              the provider's models (those the caller's key may use)
+GET  /v1/models/{model}      one of them
+
+`n` > 1 asks for a sequential group of up to `n` images (`max_images`); the model may
+make fewer. Images of a group that failed are left out of `data` (OpenAI's clients
+expect only images there) and listed, as `{"index", "code", "message"}`, in the
+answer's extra `errors` field; when no image succeeded the answer is an error.
+
+Callers authenticate with `Authorization: Bearer <SIA key>`, checked by
+`AccessControl.authenticate` under the same rules as gRPC. Errors have OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, with the HTTP status from
+`HTTP_ERRORS`; `code` is the error's SIA reason in lower case.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import pybase64
+from aiohttp import web
+
+from sia import errors
+from sia.domain import ResponseFormat, new_request_id
+from sia.logs import KEY_NAME, REQUEST_ID, AccessLog, get_logger
+from sia.validation import REFERENCE_FORMATS, validate_request
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from sia.access.base import ApiKey
+    from sia.access.gate import AccessControl
+    from sia.domain import GenerationRequest, GenerationResult
+    from sia.service import ImageService
+
+    Handler = Callable[[web.Request, ApiKey | None], Awaitable[web.StreamResponse]]
+
+log = get_logger("sia.http.openai")
+access = AccessLog("sia.http")
+
+#: Error class to (HTTP status, OpenAI error type); an error's nearest class decides.
+HTTP_ERRORS: dict[type[errors.SiaError], tuple[int, str]] = {
+    errors.InvalidArgument: (400, "invalid_request_error"),
+    errors.Unauthenticated: (401, "authentication_error"),
+    errors.PermissionDenied: (403, "permission_error"),
+    errors.NotFound: (404, "not_found_error"),
+    errors.AlreadyExists: (409, "conflict_error"),
+    errors.FailedPrecondition: (400, "invalid_request_error"),
+    errors.ResourceExhausted: (429, "rate_limit_error"),
+    errors.Unavailable: (503, "server_error"),
+    errors.DeadlineExceeded: (504, "timeout_error"),
+    errors.SiaError: (500, "server_error"),
+}
+
+#: SIA field names that OpenAI spells differently (`images[2]` becomes `image`).
+_PARAMS = {"max_images": "n", "images": "image"}
+
+#: Longest Retry-After sent, in seconds.
+_MAX_RETRY_AFTER = 86_400
+
+
+def status_of(exc: errors.SiaError) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type for an error, from the table."""
+    for cls in type(exc).__mro__:
+        if cls in HTTP_ERRORS:
+            return HTTP_ERRORS[cls]
+    return 500, "server_error"
+
+
+def error_response(exc: errors.SiaError, request_id: str) -> web.Response:
+    """An error in OpenAI's shape, with Retry-After when the caller should wait."""
+    status, kind = status_of(exc)
+    message, param = exc.message, None
+    if isinstance(exc, errors.Unauthenticated):
+        message = "a valid API key is required: header Authorization: Bearer <key>"
+    elif status == 500 and not isinstance(exc, ImagesFailed):
+        message = f"internal error (request id {request_id})"
+    if isinstance(exc, errors.InvalidArgument) and exc.violations:
+        field = exc.violations[0].field.partition("[")[0]
+        param = _PARAMS.get(field, field)
+    headers = {"X-Request-Id": request_id}
+    retry_after = getattr(exc, "retry_after", None)
+    if status in (429, 503) and retry_after is not None and math.isfinite(retry_after):
+        headers["Retry-After"] = str(min(_MAX_RETRY_AFTER, max(0, math.ceil(retry_after))))
+    return _error(status, message, kind, param=param, code=exc.reason.lower(), headers=headers)
+
+
+def _error(
+    status: int,
+    message: str,
+    kind: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str],
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _field(name: str, description: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument.field(name, description)
+
+
+class OpenAIApi:
+    """The handlers of the OpenAI-compatible routes; `add_routes` puts them on a router."""
+
+    def __init__(self, service: ImageService, access_control: AccessControl | None) -> None:
+        self.service = service
+        self.access = access_control
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Register the /v1 routes."""
+        router.add_post("/v1/images/generations", self._handled(self.generations))
+        router.add_post("/v1/images/edits", self._handled(self.edits))
+        router.add_get("/v1/models", self._handled(self.list_models))
+        router.add_get("/v1/models/{model}", self._handled(self.get_model))
+
+    def _handled(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """`handler` with request id, authentication, error answers and an access line."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            request_id = request.headers.get("X-Request-Id", "")[:128] or new_request_id()
+            bound_id = REQUEST_ID.set(request_id)
+            bound_key = KEY_NAME.set(None)
+            start = time.perf_counter()
+            status = 500
+            try:
+                response = await self._answer(handler, request, request_id)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                level = "error" if status >= 500 and status != 503 else "info"
+                if status in (429, 503):
+                    level = "warning"
+                access(
+                    "http",
+                    level,
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
+                )
+                KEY_NAME.reset(bound_key)
+                REQUEST_ID.reset(bound_id)
+
+        return handle
+
+    async def _answer(
+        self, handler: Handler, request: web.Request, request_id: str
+    ) -> web.StreamResponse:
+        headers = {"X-Request-Id": request_id}
+        try:
+            caller = None
+            if self.access is not None:
+                caller = self.access.authenticate(request.headers.get("Authorization"))
+            if caller is not None:
+                KEY_NAME.set(caller.name)
+            response = await handler(request, caller)
+        except errors.SiaError as exc:
+            return error_response(exc, request_id)
+        except web.HTTPRequestEntityTooLarge as exc:
+            message = exc.text or "request body too large"
+            kind = "invalid_request_error"
+            return _error(413, message, kind, code="request_too_large", headers=headers)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("http_internal_error", path=request.path)
+            message = f"internal error (request id {request_id})"
+            return _error(500, message, "server_error", code="internal", headers=headers)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    async def generations(self, request: web.Request, caller: ApiKey | None) -> web.Response:
+        """POST /v1/images/generations."""
+        try:
+            body = await request.json(loads=orjson.loads)
+        except ValueError as exc:
+            raise errors.UndecodableRequest("JSON object") from exc
+        if not isinstance(body, dict):
+            raise errors.UndecodableRequest("JSON object")
+        return await self._generate(body, (), caller)
+
+    async def edits(self, request: web.Request, caller: ApiKey | None) -> web.Response:
+        """POST /v1/images/edits (multipart/form-data)."""
+        if not request.content_type.startswith("multipart/"):
+            raise _field("image", "send the request as multipart/form-data with image files")
+        form = await request.post()
+        images: list[str] = []
+        fields: dict[str, Any] = {}
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                if name == "mask":
+                    raise _field("mask", "masks are not supported")
+                if name in ("image", "image[]"):
+                    images.append(_data_uri(value, len(images)))
+            elif name not in ("image", "image[]"):
+                fields[name] = value
+        if not images:
+            raise _field("image", "at least one image file is required")
+        if "n" in fields:
+            fields["n"] = _integer("n", fields["n"])
+        for name in ("seed",):
+            if name in fields:
+                fields[name] = _integer(name, fields[name])
+        return await self._generate(fields, images, caller)
+
+    async def _generate(
+        self, body: dict[str, Any], images: list[str] | tuple[()], caller: ApiKey | None
+    ) -> web.Response:
+        domain = self._request(body, images)
+        result = await self.service.generate(domain, caller=caller)
+        return web.json_response(_images_response(result))
+
+    def _request(self, body: dict[str, Any], images: list[str] | tuple[()]) -> GenerationRequest:
+        n = body.get("n")
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise _field("n", f"must be a positive integer; got {n!r}")
+        fmt = body.get("response_format") or "url"
+        if fmt not in ("url", "b64_json"):
+            raise _field("response_format", f"must be 'url' or 'b64_json'; got {fmt!r}")
+        size = _text(body, "size")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise _field("seed", "must be an integer")
+        guidance = body.get("guidance_scale")
+        if guidance is not None and (
+            isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+        ):
+            raise _field("guidance_scale", "must be a number")
+        watermark = body.get("watermark")
+        if watermark is not None and not isinstance(watermark, bool):
+            raise _field("watermark", "must be true or false")
+        return validate_request(
+            self.service.defaults,
+            prompt=_text(body, "prompt"),
+            model=_text(body, "model"),
+            size="" if size == "auto" else size,
+            response_format=ResponseFormat(fmt),
+            watermark=watermark,
+            images=images,
+            seed=seed,
+            guidance_scale=None if guidance is None else float(guidance),
+            max_images=n if n > 1 else None,
+            sequential=n > 1,
+        )
+
+    async def list_models(self, _: web.Request, caller: ApiKey | None) -> web.Response:
+        """GET /v1/models."""
+        data = [_model(name) for name in self._models(caller)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def get_model(self, request: web.Request, caller: ApiKey | None) -> web.Response:
+        """GET /v1/models/{model}."""
+        name = request.match_info["model"]
+        if name not in self._models(caller):
+            raise errors.NotFound(f"model {name[:128]!r} not found", metadata={"model": name})
+        return web.json_response(_model(name))
+
+    def _models(self, caller: ApiKey | None) -> list[str]:
+        names = sorted(self.service.defaults.models)
+        if caller is not None and caller.models:
+            names = [name for name in names if name in caller.models]
+        return names
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "sia"}
+
+
+def _text(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _field(name, "must be a string")
+    return value
+
+
+def _integer(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise _field(name, f"must be an integer; got {str(value)[:32]!r}") from None
+
+
+#: Leading bytes of the formats references may have, for files sent without a type.
+_MAGIC = (
+    (b"\x89PNG", "png"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+)
+
+
+def _data_uri(upload: web.FileField, index: int) -> str:
+    """An uploaded file as a data URI (validate_request checks it as a reference)."""
+    data = upload.file.read()
+    kind, _, subtype = (upload.content_type or "").partition("/")
+    fmt = subtype.lower() if kind == "image" and subtype.lower() in REFERENCE_FORMATS else None
+    if fmt is None:
+        fmt = next((name for magic, name in _MAGIC if data.startswith(magic)), None)
+        if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            fmt = "webp"
+    if fmt is None:
+        raise _field(f"image[{index}]", "is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+    return f"data:image/{fmt};base64,{pybase64.b64encode(data).decode()}"
+
+
+def _images_response(result: GenerationResult) -> dict[str, Any]:
+    """The OpenAI ImagesResponse for a result; failed images go to `errors`."""
+    data: list[dict[str, str]] = []
+    failed: list[dict[str, Any]] = []
+    for image in result.images:
+        if image.error is not None:
+            failed.append(
+                {"index": image.index, "code": image.error.code, "message": image.error.message}
+            )
+        elif image.data:
+            data.append({"b64_json": pybase64.b64encode(image.data).decode()})
+        else:
+            data.append({"url": image.url})
+    if not data and failed:
+        raise ImagesFailed(str(failed[0]["code"]), str(failed[0]["message"]))
+    tokens = result.usage.output_tokens
+    body: dict[str, Any] = {
+        "created": int(result.created_at.timestamp()),
+        "data": data,
+        "usage": {
+            "input_tokens": 0,
+            "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+            "output_tokens": tokens,
+            "total_tokens": tokens,
+            "generated_images": result.usage.generated_images,
+        },
+    }
+    if failed:
+        body["errors"] = failed
+    return body
+
+
+class ImagesFailed(errors.SiaError):
+    """Every image of the answer failed: a 500 with the first one's code and message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = code
