@@ -21,178 +21,60 @@ Callers authenticate with `Authorization: Bearer <SIA key>`, checked by
 
 from __future__ import annotations
 
-import math
-import time
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import pybase64
 from aiohttp import web
 
 from sia import errors
-from sia.domain import ResponseFormat, new_request_id
-from sia.logs import KEY_NAME, REQUEST_ID, AccessLog, get_logger
+from sia.domain import ResponseFormat
+from sia.http import common
+from sia.http.common import (
+    HTTP_ERRORS,
+    ApiRoutes,
+    ImagesFailed,
+    json_object,
+    status_of,
+)
 from sia.validation import REFERENCE_FORMATS, validate_request
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Sequence
 
     from sia.access.base import ApiKey
-    from sia.access.gate import AccessControl
     from sia.domain import GenerationRequest, GenerationResult
-    from sia.service import ImageService
+    from sia.validation import Defaults
 
-    Handler = Callable[[web.Request, ApiKey | None], Awaitable[web.StreamResponse]]
-
-log = get_logger("sia.http.openai")
-access = AccessLog("sia.http")
-
-#: Error class to (HTTP status, OpenAI error type); an error's nearest class decides.
-HTTP_ERRORS: dict[type[errors.SiaError], tuple[int, str]] = {
-    errors.InvalidArgument: (400, "invalid_request_error"),
-    errors.Unauthenticated: (401, "authentication_error"),
-    errors.PermissionDenied: (403, "permission_error"),
-    errors.NotFound: (404, "not_found_error"),
-    errors.AlreadyExists: (409, "conflict_error"),
-    errors.FailedPrecondition: (400, "invalid_request_error"),
-    errors.ResourceExhausted: (429, "rate_limit_error"),
-    errors.Unavailable: (503, "server_error"),
-    errors.DeadlineExceeded: (504, "timeout_error"),
-    errors.SiaError: (500, "server_error"),
-}
+__all__ = ["HTTP_ERRORS", "ImagesFailed", "OpenAIApi", "error_response", "status_of"]
 
 #: SIA field names that OpenAI spells differently (`images[2]` becomes `image`).
 _PARAMS = {"max_images": "n", "images": "image"}
 
-#: Longest Retry-After sent, in seconds.
-_MAX_RETRY_AFTER = 86_400
-
-
-def status_of(exc: errors.SiaError) -> tuple[int, str]:
-    """The HTTP status and OpenAI error type for an error, from the table."""
-    for cls in type(exc).__mro__:
-        if cls in HTTP_ERRORS:
-            return HTTP_ERRORS[cls]
-    return 500, "server_error"
-
 
 def error_response(exc: errors.SiaError, request_id: str) -> web.Response:
-    """An error in OpenAI's shape, with Retry-After when the caller should wait."""
-    status, kind = status_of(exc)
-    message, param = exc.message, None
-    if isinstance(exc, errors.Unauthenticated):
-        message = "a valid API key is required: header Authorization: Bearer <key>"
-    elif status == 500 and not isinstance(exc, ImagesFailed):
-        message = f"internal error (request id {request_id})"
-    if isinstance(exc, errors.InvalidArgument) and exc.violations:
-        field = exc.violations[0].field.partition("[")[0]
-        param = _PARAMS.get(field, field)
-    headers = {"X-Request-Id": request_id}
-    retry_after = getattr(exc, "retry_after", None)
-    if status in (429, 503) and retry_after is not None and math.isfinite(retry_after):
-        headers["Retry-After"] = str(min(_MAX_RETRY_AFTER, max(0, math.ceil(retry_after))))
-    return _error(status, message, kind, param=param, code=exc.reason.lower(), headers=headers)
-
-
-def _error(
-    status: int,
-    message: str,
-    kind: str,
-    *,
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str],
-) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+    """An error in OpenAI's shape, `param` spelt as OpenAI does (`sia.http.common`)."""
+    return common.error_response(exc, request_id, _PARAMS)
 
 
 def _field(name: str, description: str) -> errors.InvalidArgument:
     return errors.InvalidArgument.field(name, description)
 
 
-class OpenAIApi:
+class OpenAIApi(ApiRoutes):
     """The handlers of the OpenAI-compatible routes; `add_routes` puts them on a router."""
 
-    def __init__(self, service: ImageService, access_control: AccessControl | None) -> None:
-        self.service = service
-        self.access = access_control
+    PARAMS = _PARAMS
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Register the /v1 routes."""
-        router.add_post("/v1/images/generations", self._handled(self.generations))
-        router.add_post("/v1/images/edits", self._handled(self.edits))
-        router.add_get("/v1/models", self._handled(self.list_models))
-        router.add_get("/v1/models/{model}", self._handled(self.get_model))
-
-    def _handled(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-        """`handler` with request id, authentication, error answers and an access line."""
-
-        async def handle(request: web.Request) -> web.StreamResponse:
-            request_id = request.headers.get("X-Request-Id", "")[:128] or new_request_id()
-            bound_id = REQUEST_ID.set(request_id)
-            bound_key = KEY_NAME.set(None)
-            start = time.perf_counter()
-            status = 500
-            try:
-                response = await self._answer(handler, request, request_id)
-                status = response.status
-                return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            finally:
-                level = "error" if status >= 500 and status != 503 else "info"
-                if status in (429, 503):
-                    level = "warning"
-                access(
-                    "http",
-                    level,
-                    method=request.method,
-                    path=request.path,
-                    status=status,
-                    duration_ms=round((time.perf_counter() - start) * 1000, 3),
-                )
-                KEY_NAME.reset(bound_key)
-                REQUEST_ID.reset(bound_id)
-
-        return handle
-
-    async def _answer(
-        self, handler: Handler, request: web.Request, request_id: str
-    ) -> web.StreamResponse:
-        headers = {"X-Request-Id": request_id}
-        try:
-            caller = None
-            if self.access is not None:
-                caller = self.access.authenticate(request.headers.get("Authorization"))
-            if caller is not None:
-                KEY_NAME.set(caller.name)
-            response = await handler(request, caller)
-        except errors.SiaError as exc:
-            return error_response(exc, request_id)
-        except web.HTTPRequestEntityTooLarge as exc:
-            message = exc.text or "request body too large"
-            kind = "invalid_request_error"
-            return _error(413, message, kind, code="request_too_large", headers=headers)
-        except web.HTTPException:
-            raise
-        except Exception:
-            log.exception("http_internal_error", path=request.path)
-            message = f"internal error (request id {request_id})"
-            return _error(500, message, "server_error", code="internal", headers=headers)
-        response.headers["X-Request-Id"] = request_id
-        return response
+        router.add_post("/v1/images/generations", self.handled(self.generations))
+        router.add_post("/v1/images/edits", self.handled(self.edits))
+        router.add_get("/v1/models", self.handled(self.list_models))
+        router.add_get("/v1/models/{model}", self.handled(self.get_model))
 
     async def generations(self, request: web.Request, caller: ApiKey | None) -> web.Response:
         """POST /v1/images/generations."""
-        try:
-            body = await request.json(loads=orjson.loads)
-        except ValueError as exc:
-            raise errors.UndecodableRequest("JSON object") from exc
-        if not isinstance(body, dict):
-            raise errors.UndecodableRequest("JSON object")
-        return await self._generate(body, (), caller)
+        return await self._generate(await json_object(request), (), caller)
 
     async def edits(self, request: web.Request, caller: ApiKey | None) -> web.Response:
         """POST /v1/images/edits (multipart/form-data)."""
@@ -226,39 +108,7 @@ class OpenAIApi:
         return web.json_response(_images_response(result))
 
     def _request(self, body: dict[str, Any], images: list[str] | tuple[()]) -> GenerationRequest:
-        n = body.get("n")
-        if n is None:
-            n = 1
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise _field("n", f"must be a positive integer; got {n!r}")
-        fmt = body.get("response_format") or "url"
-        if fmt not in ("url", "b64_json"):
-            raise _field("response_format", f"must be 'url' or 'b64_json'; got {fmt!r}")
-        size = _text(body, "size")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _field("seed", "must be an integer")
-        guidance = body.get("guidance_scale")
-        if guidance is not None and (
-            isinstance(guidance, bool) or not isinstance(guidance, (int, float))
-        ):
-            raise _field("guidance_scale", "must be a number")
-        watermark = body.get("watermark")
-        if watermark is not None and not isinstance(watermark, bool):
-            raise _field("watermark", "must be true or false")
-        return validate_request(
-            self.service.defaults,
-            prompt=_text(body, "prompt"),
-            model=_text(body, "model"),
-            size="" if size == "auto" else size,
-            response_format=ResponseFormat(fmt),
-            watermark=watermark,
-            images=images,
-            seed=seed,
-            guidance_scale=None if guidance is None else float(guidance),
-            max_images=n if n > 1 else None,
-            sequential=n > 1,
-        )
+        return generation_request(self.service.defaults, body, images)
 
     async def list_models(self, _: web.Request, caller: ApiKey | None) -> web.Response:
         """GET /v1/models."""
@@ -277,6 +127,47 @@ class OpenAIApi:
         if caller is not None and caller.models:
             names = [name for name in names if name in caller.models]
         return names
+
+
+def generation_request(
+    defaults: Defaults, body: dict[str, Any], images: Sequence[str], **extra: Any
+) -> GenerationRequest:
+    """A validated request from OpenAI-style JSON fields (`n`, `response_format`, `size`,
+    `seed`, `guidance_scale`, `watermark`); `extra` goes to validate_request as is."""
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise _field("n", f"must be a positive integer; got {n!r}")
+    fmt = body.get("response_format") or "url"
+    if fmt not in ("url", "b64_json"):
+        raise _field("response_format", f"must be 'url' or 'b64_json'; got {fmt!r}")
+    size = _text(body, "size")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _field("seed", "must be an integer")
+    guidance = body.get("guidance_scale")
+    if guidance is not None and (
+        isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+    ):
+        raise _field("guidance_scale", "must be a number")
+    watermark = body.get("watermark")
+    if watermark is not None and not isinstance(watermark, bool):
+        raise _field("watermark", "must be true or false")
+    return validate_request(
+        defaults,
+        prompt=_text(body, "prompt"),
+        model=_text(body, "model"),
+        size="" if size == "auto" else size,
+        response_format=ResponseFormat(fmt),
+        watermark=watermark,
+        images=images,
+        seed=seed,
+        guidance_scale=None if guidance is None else float(guidance),
+        max_images=n if n > 1 else None,
+        sequential=n > 1,
+        **extra,
+    )
 
 
 def _model(name: str) -> dict[str, Any]:
@@ -354,11 +245,3 @@ def _images_response(result: GenerationResult) -> dict[str, Any]:
     if failed:
         body["errors"] = failed
     return body
-
-
-class ImagesFailed(errors.SiaError):
-    """Every image of the answer failed: a 500 with the first one's code and message."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = code

@@ -7,6 +7,9 @@ GET /images/{key}    an image the local blob store keeps (only when it has a dir
                      with `links`, only by a signed link that has not expired (else 403)
 POST /v1/images/generations, POST /v1/images/edits, GET /v1/models
                      OpenAI-compatible image API (only with `service`; `sia.http.openai_api`)
+/v1/tasks, /v1/tasks/{id}, /v1/tasks/{id}/cancel, /v1/tasks/{id}/events
+                     native task routes (only with `service`; `sia.http.tasks_api`)
+GET /openapi.json    OpenAPI 3.1 document of those REST routes (`sia.http.openapi`)
 
 Request bodies are limited to GRPC_MAX_MESSAGE_MB, as gRPC messages are (413 beyond).
 
@@ -25,6 +28,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sia.http.openai_api import OpenAIApi
+from sia.http.openapi import openapi_document
+from sia.http.tasks_api import TasksApi
 from sia.logs import get_logger
 from sia.storage.base import content_type_of, is_key
 from sia.tls import HttpTls
@@ -80,6 +85,8 @@ class HttpServer:
             app.router.add_get("/images/{key}", self.image)
         if service is not None:
             OpenAIApi(service, access).add_routes(app.router)
+            TasksApi(service, access).add_routes(app.router)
+            app.router.add_get("/openapi.json", self.openapi)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.port = 0
 
@@ -120,6 +127,10 @@ class HttpServer:
                 await self._tls_watch
             self._tls_watch = None
         await self.runner.cleanup()
+
+    async def openapi(self, _: web.Request) -> web.Response:
+        """The OpenAPI 3.1 document of the REST routes (`sia.http.openapi`)."""
+        return web.json_response(openapi_document())
 
     async def health(self, _: web.Request) -> web.Response:
         """Liveness: the process is up and its event loop answers."""
