@@ -11,14 +11,20 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING
 
-from sia.domain import GeneratedImage, GenerationResult, ImageError, ResponseFormat
+from sia.domain import (
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    ImageError,
+    ResponseFormat,
+)
 from sia.errors import ImageStoreUnavailable, NotFound
 from sia.logs import get_logger
 
 if TYPE_CHECKING:
     from sia.storage.base import BlobStore
 
-log = get_logger("sia.service")
+log = get_logger("sia.images")
 
 _EXPIRED = ImageError("IMAGE_EXPIRED", "the stored image has expired")
 #: Waits (seconds) before a task's store attempts after the first. A blip keeps the
@@ -86,6 +92,11 @@ class ImageKeeper:
 
         images = await asyncio.gather(*(fill(image) for image in result.images))
         return dataclasses.replace(result, images=tuple(images))
+
+
+def as_bytes(request: GenerationRequest) -> GenerationRequest:
+    """The same request, asking the provider for image bytes instead of its URLs."""
+    return dataclasses.replace(request, response_format=ResponseFormat.B64_JSON)
 
 
 def with_images(result: GenerationResult, kept: dict[int, GeneratedImage]) -> GenerationResult:

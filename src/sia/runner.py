@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING
 from sia import images
 from sia.domain import GenerationResult, ImageError, ResponseFormat, TaskStatus, Usage, utcnow
 from sia.errors import ImageStoreUnavailable, SiaError
-from sia.images import with_images
+from sia.images import as_bytes, with_images
 from sia.logs import get_logger
-from sia.service import as_bytes
 from sia.webhooks import TASK_FAILED, TASK_IMAGE, TASK_SUCCEEDED
 
 if TYPE_CHECKING:

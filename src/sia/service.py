@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, ResponseFormat, utcnow
 from sia.errors import DeadlineExceeded, RequestIdReused, ShuttingDown, SiaError, TaskNotFound
-from sia.images import ImageKeeper, with_images
+from sia.images import ImageKeeper, as_bytes, with_images
 from sia.logs import get_logger
 from sia.validation import (
     REFERENCE_BYTES_IN_FLIGHT,
@@ -49,11 +49,6 @@ if TYPE_CHECKING:
 log = get_logger("sia.service")
 
 _NO_TIMER = contextlib.nullcontext()
-
-
-def as_bytes(request: GenerationRequest) -> GenerationRequest:
-    """The same request, asking the provider for image bytes instead of its URLs."""
-    return dataclasses.replace(request, response_format=ResponseFormat.B64_JSON)
 
 
 class ImageService:
