@@ -39,8 +39,18 @@ async def sia(app: App, *argv: str) -> int:
 
 
 def _ours(out: str) -> list[str]:
-    """The command's lines of captured stdout, without the app's JSON log lines."""
-    return [line for line in out.splitlines() if not line.startswith('{"message"')]
+    """The command's lines of captured stdout, without the app's JSON log lines (every
+    log line, access lines included, names its `logger`; the command's JSON never does)."""
+    return [line for line in out.splitlines() if not _is_log_line(line)]
+
+
+def _is_log_line(line: str) -> bool:
+    if not line.startswith("{"):
+        return False
+    try:
+        return "logger" in json.loads(line)
+    except ValueError:
+        return False
 
 
 def _files(folder: Path, pattern: str) -> list[Path]:
