@@ -171,6 +171,20 @@ class Metrics:
             ("grpc_service", "grpc_method"),
             registry=r,
         )
+        self.http_requests = LoopMetric(
+            "counter",
+            "http_requests_total",
+            "HTTP requests answered, by route template, method and status code.",
+            ("handler", "method", "status"),
+            registry=r,
+        )
+        self.http_seconds = LoopMetric(
+            "histogram",
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request (for an event stream: how long it stayed open).",
+            ("handler", "method"),
+            registry=r,
+        )
         self.undecodable_requests = LoopMetric(
             "counter",
             "sia_undecodable_requests_total",

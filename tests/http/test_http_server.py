@@ -86,6 +86,27 @@ async def test_metrics_after_calls(
     assert 'sia_build_info{provider="offline",version="1.0.0"} 1.0' in text
 
 
+async def test_http_metrics_by_route_template(http: aiohttp.ClientSession) -> None:
+    """Every HTTP request is counted and timed by its route's template, never its path
+    (task ids and image keys would make a series each); what no route took (an unknown
+    path, a method a path does not serve) is "unmatched", an odd method "other"."""
+    for path in ("/health", "/v1/tasks/task_abc", "/v1/tasks/task_def", "/no/such/page"):
+        async with http.get(path):
+            pass
+    async with http.request("PROPFIND", "/health"):
+        pass
+    async with http.get("/metrics") as resp:
+        text = await resp.text()
+    assert 'http_requests_total{handler="/health",method="GET",status="200"} 1.0' in text
+    assert (
+        'http_requests_total{handler="/v1/tasks/{task_id}",method="GET",status="404"} 2.0' in text
+    )
+    assert 'http_requests_total{handler="unmatched",method="GET",status="404"} 1.0' in text
+    assert 'http_requests_total{handler="unmatched",method="other",status="405"} 1.0' in text
+    assert 'http_request_duration_seconds_count{handler="/health",method="GET"} 1.0' in text
+    assert "task_abc" not in text
+
+
 async def test_unknown_image_is_404(app: App, http: aiohttp.ClientSession) -> None:
     """/images answers 404 for malformed keys, and for a well-signed link to no file,
     without touching other paths."""

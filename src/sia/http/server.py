@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -35,6 +36,7 @@ from sia.storage.base import content_type_of, is_key
 from sia.tls import HttpTls
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from sia.access.gate import AccessControl
@@ -44,7 +46,12 @@ if TYPE_CHECKING:
     from sia.service import ImageService
     from sia.storage.local import ImageLinks
 
+    RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 log = get_logger("sia.http")
+
+#: Methods counted by name in the HTTP metrics; any other is counted as "other".
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class HttpServer:
@@ -77,7 +84,9 @@ class HttpServer:
         self._metrics_token = None if token is None else token.get_secret_value().encode()
         self.tls: HttpTls | None = None
         self._tls_watch: asyncio.Task[None] | None = None
-        app = web.Application(client_max_size=settings.grpc_max_message_bytes)
+        app = web.Application(
+            client_max_size=settings.grpc_max_message_bytes, middlewares=[self._measured]
+        )
         app.router.add_get("/health", self.health)
         app.router.add_get("/ready", self.ready)
         app.router.add_get("/metrics", self.scrape)
@@ -127,6 +136,30 @@ class HttpServer:
                 await self._tls_watch
             self._tls_watch = None
         await self.runner.cleanup()
+
+    @web.middleware
+    async def _measured(self, request: web.Request, handler: RouteHandler) -> web.StreamResponse:
+        """Count and time every request by its route's template (bounded labels: never the
+        path itself, which holds task ids and image keys)."""
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away first (nginx's code for it)
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = "unmatched" if resource is None else resource.canonical
+            method = request.method if request.method in _METHODS else "other"
+            metrics = self.metrics
+            metrics.http_requests.labels(route, method, str(status)).inc()
+            metrics.http_seconds.labels(route, method).observe(time.perf_counter() - start)
 
     async def openapi(self, _: web.Request) -> web.Response:
         """The OpenAPI 3.1 document of the REST routes (`sia.http.openapi`)."""
