@@ -12,7 +12,13 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+#: Our protos. proto/google/ holds googleapis' status and error-detail protos for clients
+#: of other languages; Python has them from googleapis-common-protos, so none is generated.
+PROTOS = sorted(
+    str(p.relative_to(ROOT / "proto"))
+    for p in (ROOT / "proto").rglob("*.proto")
+    if p.relative_to(ROOT / "proto").parts[0] != "google"
+)
 
 
 def generate(out: Path) -> None:
