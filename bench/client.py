@@ -15,7 +15,9 @@ Commands (`op`):
             seconds are measured (calls/s, latency percentiles, server CPU per call)
     burst   `calls` calls started at once over `channels` connections; wall time,
             errors, server peak RSS
-    http    closed loop of aiohttp POSTs straight to the upstream (`url`, `body`)
+    http    closed loop of aiohttp POSTs of `body` to `url` (the upstream directly, or
+            SIA's REST API with `server_pid`) over one keep-alive connection per
+            coroutine; an answer other than 200 counts as an error, by status
     e2e     submit `tasks` GenerateImageAsync calls at once, poll each with
             GetImageTask until it finishes; tasks/s from the server's timestamps
     probe   one call; writes the serialized response to `out`
@@ -120,6 +122,9 @@ async def closed_loop(
                 await call()
             except grpc.aio.AioRpcError as exc:
                 errors[exc.code().name] += 1
+                continue
+            except aiohttp.ClientResponseError as exc:
+                errors[f"HTTP {exc.status}"] += 1
                 continue
             except aiohttp.ClientError as exc:
                 errors[type(exc).__name__] += 1
@@ -226,7 +231,7 @@ async def op_burst(cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 async def op_http(cmd: dict[str, Any]) -> dict[str, Any]:
-    """The `http` command: the upstream without SIA in between."""
+    """The `http` command: JSON POSTs, each answer read and parsed (as gRPC's are)."""
     body = orjson.dumps(cmd["body"])
     headers = {"Content-Type": "application/json", **cmd.get("headers", {})}
     connector = aiohttp.TCPConnector(limit=0)

@@ -3,8 +3,8 @@
 `Harness.start` brings up the fake upstreams, the SIA servers, the echoes,
 the forwarder and the load driver; `load` runs one closed loop through the
 driver, and `repeat` runs a target's repetitions, measuring a noisy one again.
-The targets themselves live in bench/targets_echo.py, bench/targets_slow.py and
-bench/targets_stream.py.
+The targets themselves live in bench/targets_echo.py, bench/targets_slow.py,
+bench/targets_stream.py and bench/targets_rest.py.
 """
 
 from __future__ import annotations

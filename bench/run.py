@@ -5,7 +5,8 @@ with 3 MiB images when asked for b64_json, one answering after 2 s), the SIA
 servers under test (`sia serve`, default settings but for ports, data dir,
 upstream and the task queue limit), the bare echo server (bench/echo_server.py)
 and the load driver (bench/client.py); target 7 adds a fake Ark inside the load
-driver and a SIA server in front of it. Each target compares SIA with a
+driver and a SIA server in front of it; target 8 also drives SIA's REST API and
+times the `sia` command's start-up. Each target compares SIA with a
 baseline measured in the same run, repetition by repetition; the table shows
 the medians and the median of the per-repetition ratios.
 
@@ -37,6 +38,7 @@ from bench.harness import Harness
 from bench.processes import RESULTS
 from bench.report import Report, Row, table
 from bench.targets_echo import large, latency, throughput
+from bench.targets_rest import cli_startup, rest
 from bench.targets_slow import async_tasks, burst, rss_after_burst
 from bench.targets_stream import streams
 
@@ -63,6 +65,8 @@ def measure(harness: Harness, profile: Path | None) -> list[Row]:
         rows += async_tasks(harness, sia_calls_per_s)
     if "7" in only:
         rows += streams(harness)
+    if "8" in only:
+        rows += [*rest(harness), *cli_startup(harness)]
     if profile is not None:
         profiling.record(harness, profile)
     if "5" in only:

@@ -41,6 +41,8 @@ ROW_IDS = {
     "7b",
     "7c",
     "7d",
+    "8a",
+    "8b",
 }
 RESULTS = {"pass", "FAIL", "pending", "skipped", "info"}
 
@@ -73,7 +75,17 @@ def test_smoke_run_writes_a_complete_report(tmp_path: Path) -> None:
     for row in rows.values():
         assert row["result"] in RESULTS
         assert {"name", "baseline", "figure", "ratio", "target"} <= row.keys()
-    for key in ("throughput", "latency", "large", "burst", "burst_rss_after", "async", "streams"):
+    for key in (
+        "throughput",
+        "latency",
+        "large",
+        "burst",
+        "burst_rss_after",
+        "async",
+        "streams",
+        "rest",
+        "cli_startup",
+    ):
         assert key in report["raw"]
     assert rows["6b"]["result"] == "skipped"  # the smoke run leaves Redis out
 
