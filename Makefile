@@ -49,10 +49,15 @@ run: $(BIN)/sia ## Run the server on its embedded defaults (no API key needed)
 build: $(VENV)/.dev ## Build the sdist and wheel into dist/
 	$(PY) -m build --outdir dist .
 
-test: install-tools ## Lint, check the deployment files, then run every test
+test: install-tools test-browser ## Lint, check the deployment files, then run every test
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory check-deploy
 	$(BIN)/pytest
+
+# The playground's browser tests drive Debian's chromium (never a browser Playwright downloads).
+.PHONY: test-browser
+test-browser: ## Install Debian's chromium for the playground's browser tests, where missing
+	@scripts/install-test-browser.sh
 
 test-quick: install-tools ## The tests without the slow ones (bench smoke, A/B, crash and restart)
 	$(BIN)/pytest -m "not slow"

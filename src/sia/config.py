@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"  # noqa: S104
     http_port: Port = 9090
     public_url: str = ""
+    playground_enabled: bool = True  # the web playground at / (docs/playground.md)
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"

@@ -10,6 +10,8 @@ POST /v1/images/generations, POST /v1/images/edits, GET /v1/models
 /v1/tasks, /v1/tasks/{id}, /v1/tasks/{id}/cancel, /v1/tasks/{id}/events
                      native task routes (only with `service`; `sia.http.tasks_api`)
 GET /openapi.json    OpenAPI 3.1 document of those REST routes (`sia.http.openapi`)
+GET /, /playground/* the web playground, a page on those routes (only with `service` and
+                     PLAYGROUND_ENABLED; `sia.http.playground`)
 
 Request bodies are limited to GRPC_MAX_MESSAGE_MB, as gRPC messages are (413 beyond).
 
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sia.http import playground
 from sia.http.openai_api import OpenAIApi
 from sia.http.openapi import openapi_document
 from sia.http.tasks_api import TasksApi
@@ -96,6 +99,8 @@ class HttpServer:
             OpenAIApi(service, access).add_routes(app.router)
             TasksApi(service, access).add_routes(app.router)
             app.router.add_get("/openapi.json", self.openapi)
+            if settings.playground_enabled:
+                playground.add_routes(app.router)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.port = 0
 
