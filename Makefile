@@ -77,7 +77,7 @@ lint: $(VENV)/.dev ## ruff, ruff format --check and mypy --strict
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-bench: $(VENV)/.dev ## Benchmark SIA against a bare gRPC echo (~5 min); bench/results/latest.json
+bench: $(VENV)/.dev ## Benchmark SIA against a bare gRPC echo (~6 min); bench/results/latest.json
 	$(PY) -m bench.run
 
 bench-smoke: $(VENV)/.dev ## The benchmark in a tiny configuration (checks the harness only)

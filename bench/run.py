@@ -10,7 +10,7 @@ times the `sia` command's start-up. Each target compares SIA with a
 baseline measured in the same run, repetition by repetition; the table shows
 the medians and the median of the per-repetition ratios.
 
-    python -m bench.run                    # the full run, ~5 minutes on 2 cores
+    python -m bench.run                    # the full run, ~6 minutes on 2 cores
     python -m bench.run --smoke --out F    # a tiny configuration that checks the harness
     python -m bench.run --profile DIR      # also py-spy profiles of SIA under targets 1 and 4
 

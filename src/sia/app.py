@@ -10,11 +10,11 @@ READINESS_INTERVAL seconds, so either one failing takes the instance out of
 
 Shutdown order (SIGTERM or SIGINT):
   1. readiness off: `/ready` answers 503, grpc.health.v1 NOT_SERVING, and
-     new ImageService calls are refused with UNAVAILABLE;
+     new ImageService and REST API calls are refused with UNAVAILABLE (503);
   2. drain, within SHUTDOWN_GRACE: the gRPC server stops accepting and lets
-     in-flight calls finish while the task backend stops taking tasks and
-     lets running ones finish (those still running are put back in the queue
-     for the next start);
+     in-flight calls finish, as do HTTP requests in flight, while the task
+     backend stops taking tasks and lets running ones finish (those still
+     running are put back in the queue for the next start);
   3. close the sweeper, the HTTP server, the task store, the provider and
      the blob store, in reverse order of opening.
 """
@@ -293,7 +293,7 @@ class App:
         self._shutdown_done = True
         self.readiness.begin_shutdown()
         grace = self.settings.shutdown_grace
-        await asyncio.gather(self.grpc.stop(grace), self.tasks.drain(grace))
+        await asyncio.gather(self.grpc.stop(grace), self.http.drain(grace), self.tasks.drain(grace))
         await self._stack.aclose()
         for task in list(self._background):
             await _cancel(task)

@@ -14,6 +14,7 @@ from PIL import Image
 
 from sia import errors
 from sia.app import App
+from sia.http.common import ImagesFailed
 from sia.http.openai_api import error_response, status_of
 from tests.access.helpers import app_key
 from tests.helpers import TEST_SIZE, MakeSettings
@@ -164,6 +165,49 @@ async def test_edit_with_uploaded_png(client: openai.AsyncOpenAI) -> None:
     assert dimensions(base64.b64decode(answer.data[0].b64_json)) == TEST_SIZE
 
 
+async def test_edit_form_fields_are_parsed_from_text(app: App) -> None:
+    """Multipart fields are text: n, seed, guidance_scale and watermark are read from it;
+    a body that is no valid multipart is a 400, not a crash."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, "PNG")
+    form = aiohttp.FormData()
+    form.add_field("image", buffer.getvalue(), filename="ref.png", content_type="image/png")
+    for name, value in (
+        ("prompt", "blue"),
+        ("size", TEST_SIZE),
+        ("watermark", "false"),
+        ("guidance_scale", "5.5"),
+        ("seed", "7"),
+        ("response_format", "b64_json"),
+    ):
+        form.add_field(name, value)
+    url = f"http://127.0.0.1:{app.http_port}/v1/images/edits"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=form) as resp:
+            assert resp.status == 200, await resp.text()
+        form = aiohttp.FormData()
+        form.add_field("image", buffer.getvalue(), filename="ref.png", content_type="image/png")
+        form.add_field("prompt", "blue")
+        form.add_field("watermark", "maybe")
+        async with http.post(url, data=form) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == "watermark"
+        no_boundary = {"Content-Type": "multipart/form-data"}
+        async with http.post(url, data=b"--x\r\n", headers=no_boundary) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["code"] == "invalid_argument"
+
+
+async def test_rest_calls_are_refused_once_shutdown_begins(app: App) -> None:
+    """As gRPC calls are: a 503 with Retry-After, so a client retries on another instance."""
+    app.readiness.begin_shutdown()
+    url = f"http://127.0.0.1:{app.http_port}/v1/images/generations"
+    async with aiohttp.ClientSession() as http, http.post(url, json={"prompt": "x"}) as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+        assert (await resp.json())["error"]["code"] == "shutting_down"
+
+
 async def test_edit_refuses_a_file_that_is_no_image(client: openai.AsyncOpenAI) -> None:
     """A file of no image format is a 400 naming `image`."""
     with pytest.raises(openai.BadRequestError) as caught:
@@ -183,6 +227,9 @@ async def test_edit_refuses_a_file_that_is_no_image(client: openai.AsyncOpenAI) 
         (errors.TaskNotFound("t"), 404),
         (errors.RequestIdReused("r", "t"), 409),
         (errors.ModelUnavailable("off"), 400),
+        (errors.ProviderMisconfigured("the upstream refused the server's key"), 503),
+        (ImagesFailed("OutputImageSensitiveContentDetected", "moderated"), 400),
+        (ImagesFailed("InvalidImage", "bad base64"), 502),
         (errors.QueueFull(3), 429),
         (errors.ShuttingDown(), 503),
         (errors.DeadlineExceeded("late"), 504),
@@ -202,6 +249,9 @@ def test_error_table(exc: errors.SiaError, status: int) -> None:
         assert "secret" not in error["message"]
     if status == 400 and isinstance(exc, errors.InvalidArgument):
         assert error["param"] == "n"
+        assert error["message"] == "n: too many"  # spelt as the client spells it
+    # After these the images may have been made and billed: OpenAI's SDKs must not resend.
+    assert (response.headers.get("X-Should-Retry") == "false") == (status in (500, 502, 504))
 
 
 def test_retry_after_rounds_up() -> None:

@@ -8,6 +8,7 @@ HTTP status from `HTTP_ERRORS`; `code` is the error's SIA reason in lower case.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
     from sia.access.base import ApiKey
     from sia.access.gate import AccessControl
+    from sia.health import Readiness
     from sia.service import ImageService
 
     Handler = Callable[[web.Request, ApiKey | None], Awaitable[web.StreamResponse]]
@@ -38,6 +40,7 @@ HTTP_ERRORS: dict[type[errors.SiaError], tuple[int, str]] = {
     errors.PermissionDenied: (403, "permission_error"),
     errors.NotFound: (404, "not_found_error"),
     errors.AlreadyExists: (409, "conflict_error"),
+    errors.ProviderMisconfigured: (503, "server_error"),  # this server's account, not the call
     errors.FailedPrecondition: (400, "invalid_request_error"),
     errors.ResourceExhausted: (429, "rate_limit_error"),
     errors.Unavailable: (503, "server_error"),
@@ -49,16 +52,29 @@ HTTP_ERRORS: dict[type[errors.SiaError], tuple[int, str]] = {
 _MAX_RETRY_AFTER = 86_400
 
 
+#: Statuses after which the provider may already have generated (and billed) the images:
+#: OpenAI's SDKs retry 5xx by themselves unless told not to.
+_NOT_RETRIED = frozenset({500, 502, 504})
+
+#: Parts of per-image error codes that mean the content was refused (Ark's
+#: `OutputImageSensitiveContentDetected`, OpenAI's `content_policy_violation`).
+_CONTENT_MARKERS = ("Sensitive", "RiskDetection", "content_policy", "moderation")
+
+
 class ImagesFailed(errors.SiaError):
-    """Every image of the answer failed: a 500 with the first one's code and message."""
+    """Every image of a group failed: the first one's code and message, a 400 when the
+    content was refused, else a 502 (the provider answered, but with no image)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.reason = code
+        self.content = any(marker in code for marker in _CONTENT_MARKERS)
 
 
 def status_of(exc: errors.SiaError) -> tuple[int, str]:
     """The HTTP status and OpenAI error type for an error, from the table."""
+    if isinstance(exc, ImagesFailed):
+        return (400, "invalid_request_error") if exc.content else (502, "server_error")
     for cls in type(exc).__mro__:
         if cls in HTTP_ERRORS:
             return HTTP_ERRORS[cls]
@@ -73,17 +89,29 @@ def error_body(
     message, param = exc.message, None
     if isinstance(exc, errors.Unauthenticated):
         message = "a valid API key is required: header Authorization: Bearer <key>"
-    elif status == 500 and not isinstance(exc, ImagesFailed):
+    elif status == 500:
         message = f"internal error (request id {request_id})"
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
-        field = exc.violations[0].field.partition("[")[0]
-        param = (params or {}).get(field, field)
+        # Fields as this API's clients spell them, in `param` and in the message.
+        names = [_respelt(v.field, params or {}) for v in exc.violations]
+        param = names[0].partition("[")[0]
+        message = "; ".join(
+            f"{n}: {v.description}" for n, v in zip(names, exc.violations, strict=True)
+        )
     headers = {"X-Request-Id": request_id}
+    if status in _NOT_RETRIED:
+        headers["X-Should-Retry"] = "false"
     retry_after = getattr(exc, "retry_after", None)
     if status in (429, 503) and retry_after is not None and math.isfinite(retry_after):
         headers["Retry-After"] = str(min(_MAX_RETRY_AFTER, max(0, math.ceil(retry_after))))
     body = {"error": {"message": message, "type": kind, "param": param, "code": exc.reason.lower()}}
     return status, body, headers
+
+
+def _respelt(field: str, params: Mapping[str, str]) -> str:
+    """`field` with its name respelt by `params` (`images[2]` → `image[2]`)."""
+    name, bracket, rest = field.partition("[")
+    return params.get(name, name) + bracket + rest
 
 
 def error_response(
@@ -122,15 +150,22 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 class ApiRoutes:
     """Base of a group of API handlers: `handled` wraps each one.
 
-    `PARAMS` respells SIA field names in the errors' `param` as the routes' clients
-    spell them.
+    `PARAMS` respells SIA field names in the errors' `param` and message as the
+    routes' clients spell them. With `readiness`, calls are refused ShuttingDown (503)
+    from the start of shutdown, as gRPC calls are.
     """
 
     PARAMS: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, service: ImageService, access_control: AccessControl | None) -> None:
+    def __init__(
+        self,
+        service: ImageService,
+        access_control: AccessControl | None,
+        readiness: Readiness | None = None,
+    ) -> None:
         self.service = service
         self.access = access_control
+        self.readiness = readiness
 
     def handled(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """`handler` with request id, authentication, error answers and an access line."""
@@ -147,6 +182,9 @@ class ApiRoutes:
                 return response
             except web.HTTPException as exc:
                 status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = 499  # the client went away first
                 raise
             finally:
                 level = "error" if status >= 500 and status != 503 else "info"
@@ -170,6 +208,8 @@ class ApiRoutes:
     ) -> web.StreamResponse:
         headers = {"X-Request-Id": request_id}
         try:
+            if self.readiness is not None and self.readiness.shutting_down:
+                raise errors.ShuttingDown  # as gRPC: new calls go to another instance
             caller = None
             if self.access is not None:
                 caller = self.access.authenticate(request.headers.get("Authorization"))
@@ -187,6 +227,7 @@ class ApiRoutes:
         except Exception:
             log.exception("http_internal_error", path=request.path)
             message = f"internal error (request id {request_id})"
+            headers["X-Should-Retry"] = "false"
             return json_error(500, message, "server_error", code="internal", headers=headers)
         if not response.prepared:  # a stream sets its own before it starts
             response.headers["X-Request-Id"] = request_id

@@ -21,8 +21,10 @@ Callers authenticate with `Authorization: Bearer <SIA key>`, checked by
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pybase64
 from aiohttp import web
 
@@ -80,7 +82,10 @@ class OpenAIApi(ApiRoutes):
         """POST /v1/images/edits (multipart/form-data)."""
         if not request.content_type.startswith("multipart/"):
             raise _field("image", "send the request as multipart/form-data with image files")
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError) as exc:  # no boundary, or one never found
+            raise errors.UndecodableRequest("multipart/form-data body") from exc
         images: list[str] = []
         fields: dict[str, Any] = {}
         for name, value in form.items():
@@ -93,11 +98,12 @@ class OpenAIApi(ApiRoutes):
                 fields[name] = value
         if not images:
             raise _field("image", "at least one image file is required")
-        if "n" in fields:
-            fields["n"] = _integer("n", fields["n"])
-        for name in ("seed",):
+        # Form fields are text: the JSON types generation_request checks, from their text.
+        for name, parse in (("n", _integer), ("seed", _integer), ("guidance_scale", _number)):
             if name in fields:
-                fields[name] = _integer(name, fields[name])
+                fields[name] = parse(name, fields[name])
+        if "watermark" in fields:
+            fields["watermark"] = _boolean("watermark", fields["watermark"])
         return await self._generate(fields, images, caller)
 
     async def _generate(
@@ -105,7 +111,9 @@ class OpenAIApi(ApiRoutes):
     ) -> web.Response:
         domain = self._request(body, images)
         result = await self.service.generate(domain, caller=caller)
-        return web.json_response(_images_response(result))
+        # orjson: b64_json answers run to tens of MB.
+        answer = orjson.dumps(_images_response(result))
+        return web.Response(body=answer, content_type="application/json")
 
     def _request(self, body: dict[str, Any], images: list[str] | tuple[()]) -> GenerationRequest:
         return generation_request(self.service.defaults, body, images)
@@ -188,6 +196,25 @@ def _integer(name: str, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise _field(name, f"must be an integer; got {str(value)[:32]!r}") from None
+
+
+def _number(name: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise _field(name, f"must be a number; got {str(value)[:32]!r}") from None
+    if not math.isfinite(number):
+        raise _field(name, f"must be a finite number; got {str(value)[:32]!r}")
+    return number
+
+
+def _boolean(name: str, value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise _field(name, f"must be true or false; got {str(value)[:32]!r}")
 
 
 #: Leading bytes of the formats references may have, for files sent without a type.

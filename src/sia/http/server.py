@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 log = get_logger("sia.http")
 
+#: Seconds `stop` waits for requests still open after the drain before closing them.
+_CLOSE_TIMEOUT = 2.0
+
 #: Methods counted by name in the HTTP metrics; any other is counted as "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -96,13 +99,23 @@ class HttpServer:
         if images is not None:
             app.router.add_get("/images/{key}", self.image)
         if service is not None:
-            OpenAIApi(service, access).add_routes(app.router)
-            TasksApi(service, access).add_routes(app.router)
+            OpenAIApi(service, access, readiness).add_routes(app.router)
+            TasksApi(service, access, readiness).add_routes(app.router)
             app.router.add_get("/openapi.json", self.openapi)
             if settings.playground_enabled:
                 playground.add_routes(app.router)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # handler_cancellation: a client that goes away cancels its call, and so the
+        # generation upstream, as a cancelled gRPC call does.
+        self.runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            handler_cancellation=True,
+            shutdown_timeout=_CLOSE_TIMEOUT,
+        )
         self.port = 0
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
 
     @property
     def scheme(self) -> str:
@@ -133,8 +146,17 @@ class HttpServer:
             signed_image_links=self.links is not None,
         )
 
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for the requests in flight to finish (new API calls
+        are refused from the start of shutdown; event streams end at it)."""
+        if self._in_flight:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+
     async def stop(self) -> None:
-        """Stop serving; idempotent."""
+        """Stop serving; idempotent. Requests still open after `drain` get
+        _CLOSE_TIMEOUT seconds more before their connections are closed."""
         if self._tls_watch is not None:
             self._tls_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -148,6 +170,7 @@ class HttpServer:
         path itself, which holds task ids and image keys)."""
         start = time.perf_counter()
         status = 500
+        self._in_flight += 1
         try:
             response = await handler(request)
             status = response.status
@@ -165,6 +188,9 @@ class HttpServer:
             metrics = self.metrics
             metrics.http_requests.labels(route, method, str(status)).inc()
             metrics.http_seconds.labels(route, method).observe(time.perf_counter() - start)
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
 
     async def openapi(self, _: web.Request) -> web.Response:
         """The OpenAPI 3.1 document of the REST routes (`sia.http.openapi`)."""

@@ -176,7 +176,11 @@ class TasksApi(ApiRoutes):
                 "X-Request-Id": REQUEST_ID.get() or "",
             }
         )
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except BaseException:
+            await watch.aclose()
+            raise
         states: asyncio.Queue[Task | errors.SiaError | None] = asyncio.Queue()
         pump = asyncio.create_task(_pump(watch, states), name="sia-http-task-events")
         try:

@@ -6,6 +6,7 @@ const KEY_STORAGE = "sia-api-key";
 // The server's own limits (sia.validation), checked here only to fail before an upload.
 const MAX_FILES = 14;
 const MAX_FILE_BYTES = 10 * 1024 * 1024;
+const MAX_TOTAL_BYTES = 32 * 1024 * 1024;
 // Inputs an error's `param` may name; an error about anything else goes to the banner.
 const FIELDS = ["prompt", "model", "size", "n", "images", "key"];
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -170,10 +171,15 @@ async function readImages(files) {
   if (files.length > MAX_FILES) {
     throw new ApiError(0, `${files.length} files; at most ${MAX_FILES}.`, "images");
   }
+  let total = 0;
   for (const file of files) {
     if (file.size > MAX_FILE_BYTES) {
       throw new ApiError(0, `${file.name} is over 10 MB.`, "images");
     }
+    total += file.size;
+  }
+  if (total > MAX_TOTAL_BYTES) {
+    throw new ApiError(0, "The files are over 32 MB together.", "images");
   }
   return Promise.all(Array.from(files, (file) => new Promise((resolve, reject) => {
     const reader = new FileReader();
