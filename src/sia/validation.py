@@ -64,6 +64,39 @@ class Defaults:
     models: Mapping[str, ModelSpec]
 
 
+#: Longest task id looked up: ours are 29 characters (`domain.new_task_id`), and a
+#: bound keeps an unknown id short enough to echo in the NOT_FOUND answer.
+MAX_TASK_ID_CHARS = 64
+#: Task list pages: the default size and the most.
+PAGE_SIZE = 20
+MAX_PAGE_SIZE = 100
+#: Longest page token accepted (ours are far shorter).
+MAX_PAGE_TOKEN_CHARS = 512
+
+
+def validate_task_id(value: str) -> str:
+    """A task id to look up, stripped; InvalidArgument naming `task_id` when empty or long."""
+    value = value.strip()
+    if not value:
+        raise InvalidArgument.field("task_id", "must not be empty")
+    if len(value) > MAX_TASK_ID_CHARS:
+        raise InvalidArgument.field(
+            "task_id", f"is {len(value)} characters; at most {MAX_TASK_ID_CHARS}"
+        )
+    return value
+
+
+def validate_page(size: int | None, token: str) -> int:
+    """The page size of a task listing (None: the default); InvalidArgument naming
+    `page_size` or `page_token` when out of range or too long for a token of ours."""
+    size = PAGE_SIZE if size is None else size
+    if not 1 <= size <= MAX_PAGE_SIZE:
+        raise InvalidArgument.field("page_size", f"must be in [1, {MAX_PAGE_SIZE}]; got {size}")
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidArgument.field("page_token", "is not a token this server gave")
+    return size
+
+
 def validate_request(
     defaults: Defaults,
     *,

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from PIL import Image
 
 from sia import errors
 from sia.app import App
-from sia.http.common import ImagesFailed
-from sia.http.openai_api import error_response, status_of
+from sia.http import common
+from sia.http.common import ImagesFailed, status_of
+from sia.http.openai_api import OpenAIApi
 from tests.access.helpers import app_key
 from tests.helpers import TEST_SIZE, MakeSettings
 
@@ -216,6 +218,11 @@ async def test_edit_refuses_a_file_that_is_no_image(client: openai.AsyncOpenAI) 
         )
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["param"] == "image"
+
+
+def error_response(exc: errors.SiaError, request_id: str) -> web.Response:
+    """The error answer, fields spelt as OpenAI's clients spell them."""
+    return common.error_response(exc, request_id, OpenAIApi.PARAMS)
 
 
 @pytest.mark.parametrize(

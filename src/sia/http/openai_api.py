@@ -21,7 +21,6 @@ Callers authenticate with `Authorization: Bearer <SIA key>`, checked by
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,37 +28,16 @@ import pybase64
 from aiohttp import web
 
 from sia import errors
-from sia.domain import ResponseFormat
-from sia.http import common
-from sia.http.common import (
-    HTTP_ERRORS,
-    ApiRoutes,
-    ImagesFailed,
-    json_object,
-    status_of,
-)
-from sia.validation import REFERENCE_FORMATS, validate_request
+from sia.http.common import ApiRoutes, ImagesFailed, json_object
+from sia.http.fields import boolean, field, generation_request, integer, number
+from sia.validation import REFERENCE_FORMATS
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from sia.access.base import ApiKey
     from sia.domain import GenerationRequest, GenerationResult
-    from sia.validation import Defaults
-
-__all__ = ["HTTP_ERRORS", "ImagesFailed", "OpenAIApi", "error_response", "status_of"]
 
 #: SIA field names that OpenAI spells differently (`images[2]` becomes `image`).
 _PARAMS = {"max_images": "n", "images": "image"}
-
-
-def error_response(exc: errors.SiaError, request_id: str) -> web.Response:
-    """An error in OpenAI's shape, `param` spelt as OpenAI does (`sia.http.common`)."""
-    return common.error_response(exc, request_id, _PARAMS)
-
-
-def _field(name: str, description: str) -> errors.InvalidArgument:
-    return errors.InvalidArgument.field(name, description)
 
 
 class OpenAIApi(ApiRoutes):
@@ -81,7 +59,7 @@ class OpenAIApi(ApiRoutes):
     async def edits(self, request: web.Request, caller: ApiKey | None) -> web.Response:
         """POST /v1/images/edits (multipart/form-data)."""
         if not request.content_type.startswith("multipart/"):
-            raise _field("image", "send the request as multipart/form-data with image files")
+            raise field("image", "send the request as multipart/form-data with image files")
         try:
             form = await request.post()
         except (ValueError, AssertionError) as exc:  # no boundary, or one never found
@@ -91,19 +69,19 @@ class OpenAIApi(ApiRoutes):
         for name, value in form.items():
             if isinstance(value, web.FileField):
                 if name == "mask":
-                    raise _field("mask", "masks are not supported")
+                    raise field("mask", "masks are not supported")
                 if name in ("image", "image[]"):
                     images.append(_data_uri(value, len(images)))
             elif name not in ("image", "image[]"):
                 fields[name] = value
         if not images:
-            raise _field("image", "at least one image file is required")
+            raise field("image", "at least one image file is required")
         # Form fields are text: the JSON types generation_request checks, from their text.
-        for name, parse in (("n", _integer), ("seed", _integer), ("guidance_scale", _number)):
+        for name, parse in (("n", integer), ("seed", integer), ("guidance_scale", number)):
             if name in fields:
                 fields[name] = parse(name, fields[name])
         if "watermark" in fields:
-            fields["watermark"] = _boolean("watermark", fields["watermark"])
+            fields["watermark"] = boolean("watermark", fields["watermark"])
         return await self._generate(fields, images, caller)
 
     async def _generate(
@@ -137,84 +115,8 @@ class OpenAIApi(ApiRoutes):
         return names
 
 
-def generation_request(
-    defaults: Defaults, body: dict[str, Any], images: Sequence[str], **extra: Any
-) -> GenerationRequest:
-    """A validated request from OpenAI-style JSON fields (`n`, `response_format`, `size`,
-    `seed`, `guidance_scale`, `watermark`); `extra` goes to validate_request as is."""
-    n = body.get("n")
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise _field("n", f"must be a positive integer; got {n!r}")
-    fmt = body.get("response_format") or "url"
-    if fmt not in ("url", "b64_json"):
-        raise _field("response_format", f"must be 'url' or 'b64_json'; got {fmt!r}")
-    size = _text(body, "size")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _field("seed", "must be an integer")
-    guidance = body.get("guidance_scale")
-    if guidance is not None and (
-        isinstance(guidance, bool) or not isinstance(guidance, (int, float))
-    ):
-        raise _field("guidance_scale", "must be a number")
-    watermark = body.get("watermark")
-    if watermark is not None and not isinstance(watermark, bool):
-        raise _field("watermark", "must be true or false")
-    return validate_request(
-        defaults,
-        prompt=_text(body, "prompt"),
-        model=_text(body, "model"),
-        size="" if size == "auto" else size,
-        response_format=ResponseFormat(fmt),
-        watermark=watermark,
-        images=images,
-        seed=seed,
-        guidance_scale=None if guidance is None else float(guidance),
-        max_images=n if n > 1 else None,
-        sequential=n > 1,
-        **extra,
-    )
-
-
 def _model(name: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": "sia"}
-
-
-def _text(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _field(name, "must be a string")
-    return value
-
-
-def _integer(name: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise _field(name, f"must be an integer; got {str(value)[:32]!r}") from None
-
-
-def _number(name: str, value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise _field(name, f"must be a number; got {str(value)[:32]!r}") from None
-    if not math.isfinite(number):
-        raise _field(name, f"must be a finite number; got {str(value)[:32]!r}")
-    return number
-
-
-def _boolean(name: str, value: Any) -> bool:
-    text = str(value).strip().lower()
-    if text in ("true", "1"):
-        return True
-    if text in ("false", "0"):
-        return False
-    raise _field(name, f"must be true or false; got {str(value)[:32]!r}")
 
 
 #: Leading bytes of the formats references may have, for files sent without a type.
@@ -238,7 +140,7 @@ def _data_uri(upload: web.FileField, index: int) -> str:
         if fmt is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
             fmt = "webp"
     if fmt is None:
-        raise _field(f"image[{index}]", "is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
+        raise field(f"image[{index}]", "is not a PNG, JPEG, WebP, GIF, BMP or TIFF image")
     return f"data:image/{fmt};base64,{pybase64.b64encode(data).decode()}"
 
 

@@ -27,8 +27,9 @@ from aiohttp import web
 from sia import errors
 from sia.domain import TaskStatus
 from sia.http.common import ApiRoutes, error_body, json_object
-from sia.http.openai_api import generation_request
+from sia.http.fields import field, generation_request, text
 from sia.logs import REQUEST_ID
+from sia.validation import validate_page, validate_task_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
@@ -37,13 +38,6 @@ if TYPE_CHECKING:
     from sia.access.base import ApiKey
     from sia.domain import GeneratedImage, Task
 
-#: Page sizes of GET /v1/tasks: the default and the most (as ListImageTasks).
-PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
-#: Longest page token accepted (ours are far shorter).
-MAX_PAGE_TOKEN_CHARS = 512
-#: Longest task id looked up (ours are 29 characters).
-MAX_TASK_ID_CHARS = 64
 #: Most references one request may list (validation checks each one further).
 MAX_IMAGES_LISTED = 64
 #: Seconds between SSE comments that keep an idle stream open and notice a gone client.
@@ -68,10 +62,6 @@ _FIELDS = frozenset(
 )
 
 
-def _field(name: str, description: str) -> errors.InvalidArgument:
-    return errors.InvalidArgument.field(name, description)
-
-
 class TasksApi(ApiRoutes):
     """The handlers of the native task routes; `add_routes` puts them on a router."""
 
@@ -92,23 +82,23 @@ class TasksApi(ApiRoutes):
         """POST /v1/tasks: 202 with the new task (or the caller's task of its request_id)."""
         body = await json_object(request)
         if unknown := sorted(set(body) - _FIELDS):
-            raise _field(unknown[0][:64], "is not a field of a task request")
+            raise field(unknown[0][:64], "is not a field of a task request")
         images = body.get("images")
         if images is None:
             images = []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise _field("images", "must be a list of URLs or data URIs")
+            raise field("images", "must be a list of URLs or data URIs")
         if len(images) > MAX_IMAGES_LISTED:
-            raise _field("images", f"lists {len(images)}; at most {MAX_IMAGES_LISTED}")
+            raise field("images", f"lists {len(images)}; at most {MAX_IMAGES_LISTED}")
         each = body.get("webhook_each_image")
         if each is not None and not isinstance(each, bool):
-            raise _field("webhook_each_image", "must be true or false")
+            raise field("webhook_each_image", "must be true or false")
         domain = generation_request(
             self.service.defaults,
             body,
             images,
-            request_id=_string(body, "request_id"),
-            webhook_url=_string(body, "webhook_url"),
+            request_id=text(body, "request_id"),
+            webhook_url=text(body, "webhook_url"),
             webhook_images=bool(each),
         )
         task = await self.service.submit(domain, caller=caller)
@@ -133,18 +123,15 @@ class TasksApi(ApiRoutes):
                 status = TaskStatus(value.lower())
             except ValueError:
                 known = ", ".join(s.value for s in TaskStatus)
-                raise _field("status", f"must be one of {known}") from None
-        size = PAGE_SIZE
+                raise field("status", f"must be one of {known}") from None
+        size = None
         if raw := query.get("page_size", ""):
             try:
                 size = int(raw)
             except ValueError:
-                raise _field("page_size", "must be an integer") from None
-            if not 1 <= size <= MAX_PAGE_SIZE:
-                raise _field("page_size", f"must be in [1, {MAX_PAGE_SIZE}]; got {size}")
+                raise field("page_size", "must be an integer") from None
         token = query.get("page_token", "")
-        if len(token) > MAX_PAGE_TOKEN_CHARS:
-            raise _field("page_token", "is not a token this server gave")
+        size = validate_page(size, token)
         tasks, cursor = await self.service.list_tasks(
             caller=caller, status=status, limit=size, after=token
         )
@@ -233,22 +220,8 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def _string(body: dict[str, Any], name: str) -> str:
-    value = body.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _field(name, "must be a string")
-    return value
-
-
 def _task_id(request: web.Request) -> str:
-    value = request.match_info["task_id"].strip()
-    if not value:
-        raise _field("task_id", "must not be empty")
-    if len(value) > MAX_TASK_ID_CHARS:
-        raise _field("task_id", f"is {len(value)} characters; at most {MAX_TASK_ID_CHARS}")
-    return value
+    return validate_task_id(request.match_info["task_id"])
 
 
 def _time(value: datetime | None) -> str | None:

@@ -11,18 +11,13 @@ from sia.access.base import MICROS
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.domain import GenerationRequest, GenerationResult, ResponseFormat, TaskStatus
 from sia.errors import InvalidArgument
-from sia.validation import validate_request
+from sia.validation import validate_page, validate_request
 
 if TYPE_CHECKING:
     from sia.access.base import UsageEntry
     from sia.domain import GeneratedImage, ImageError, Task
     from sia.validation import Defaults
 
-#: ListImageTasks page sizes: the default and the most.
-PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
-#: Longest page token accepted (ours are far shorter).
-MAX_PAGE_TOKEN_CHARS = 512
 #: Most days one GetUsage call may sum.
 MAX_USAGE_DAYS = 366
 
@@ -176,12 +171,7 @@ def list_query(msg: pb.ListImageTasksRequest) -> tuple[TaskStatus | None, int, s
         status = _STATUS_OF.get(msg.status)
         if status is None:
             raise InvalidArgument.field("status", f"unknown value {msg.status}")
-    size = msg.page_size or PAGE_SIZE
-    if not 1 <= size <= MAX_PAGE_SIZE:
-        raise InvalidArgument.field("page_size", f"must be in [1, {MAX_PAGE_SIZE}]; got {size}")
-    if len(msg.page_token) > MAX_PAGE_TOKEN_CHARS:
-        raise InvalidArgument.field("page_token", "is not a token this server gave")
-    return status, size, msg.page_token
+    return status, validate_page(msg.page_size or None, msg.page_token), msg.page_token
 
 
 def list_response(tasks: list[Task], cursor: str) -> pb.ListImageTasksResponse:

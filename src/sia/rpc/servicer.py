@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.domain import utcnow
-from sia.errors import InvalidArgument
 from sia.rpc import convert
 from sia.rpc.interceptors import CALLER
+from sia.validation import validate_task_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -21,22 +21,6 @@ if TYPE_CHECKING:
 
     from sia.domain import Task
     from sia.service import ImageService
-
-
-#: Longest task id looked up: ours are 29 characters (`domain.new_task_id`), and a
-#: bound keeps an unknown id short enough to echo in the NOT_FOUND answer.
-MAX_TASK_ID_CHARS = 64
-
-
-def _task_id(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise InvalidArgument.field("task_id", "must not be empty")
-    if len(value) > MAX_TASK_ID_CHARS:
-        raise InvalidArgument.field(
-            "task_id", f"is {len(value)} characters; at most {MAX_TASK_ID_CHARS}"
-        )
-    return value
 
 
 def _submitted(task: Task) -> pb.GenerateImageAsyncResponse:
@@ -104,7 +88,9 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         self, request: pb.WatchImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> AsyncIterator[pb.GetImageTaskResponse]:
         """Send the task's state now and at every change, until it ends."""
-        async for task in self.service.watch(_task_id(request.task_id), caller=CALLER.get()):
+        async for task in self.service.watch(
+            validate_task_id(request.task_id), caller=CALLER.get()
+        ):
             yield convert.task_response(task)
 
     async def GenerateImageAsync(
@@ -118,14 +104,16 @@ class ImageServicer(pb_grpc.ImageServiceServicer):
         self, request: pb.GetImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.GetImageTaskResponse:
         """Answer a task's status and result."""
-        task = await self.service.get_task(_task_id(request.task_id), caller=CALLER.get())
+        task = await self.service.get_task(validate_task_id(request.task_id), caller=CALLER.get())
         return convert.task_response(task)
 
     async def CancelImageTask(
         self, request: pb.CancelImageTaskRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.CancelImageTaskResponse:
         """Cancel a queued or running task."""
-        task = await self.service.cancel_task(_task_id(request.task_id), caller=CALLER.get())
+        task = await self.service.cancel_task(
+            validate_task_id(request.task_id), caller=CALLER.get()
+        )
         return pb.CancelImageTaskResponse(task_id=task.id, status=convert.task_status(task.status))
 
     async def ListImageTasks(
