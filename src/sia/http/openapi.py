@@ -30,6 +30,13 @@ _ERRORS = {
     "default": {"$ref": "#/components/responses/Error"},
 }
 _NOT_FOUND = {"404": {"$ref": "#/components/responses/NotFound"}}
+#: What a generation answers besides _ERRORS; after a 502 or 504 the images may have been
+#: made and billed, so those carry `X-Should-Retry: false`.
+_GENERATION_ERRORS = {
+    "413": {"$ref": "#/components/responses/TooLarge"},
+    "502": {"$ref": "#/components/responses/ImagesFailed"},
+    "504": {"$ref": "#/components/responses/Timeout"},
+}
 _TASK_ID = {
     "name": "task_id",
     "in": "path",
@@ -201,7 +208,11 @@ _PATHS: dict[str, Any] = {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("GenerationRequest")}},
             },
-            "responses": {"200": _json(_ref("ImagesResponse"), "the images"), **_ERRORS},
+            "responses": {
+                "200": _json(_ref("ImagesResponse"), "the images"),
+                **_GENERATION_ERRORS,
+                **_ERRORS,
+            },
         }
     },
     "/v1/images/edits": {
@@ -227,7 +238,11 @@ _PATHS: dict[str, Any] = {
                     }
                 },
             },
-            "responses": {"200": _json(_ref("ImagesResponse"), "the images"), **_ERRORS},
+            "responses": {
+                "200": _json(_ref("ImagesResponse"), "the images"),
+                **_GENERATION_ERRORS,
+                **_ERRORS,
+            },
         }
     },
     "/v1/models": {
@@ -370,6 +385,13 @@ _DOCUMENT: dict[str, Any] = {
             "NotFound": _error_response("no such task or model (for this key)"),
             "TooManyRequests": _error_response("a limit was reached; see Retry-After"),
             "Unavailable": _error_response("unavailable; see Retry-After"),
+            "TooLarge": _error_response("the body is over GRPC_MAX_MESSAGE_MB"),
+            "ImagesFailed": _error_response(
+                "every image of the group failed upstream (X-Should-Retry: false)"
+            ),
+            "Timeout": _error_response(
+                "the deadline or IMAGE_TIMEOUT passed (X-Should-Retry: false)"
+            ),
             "Error": _error_response("any other error"),
         },
     },
