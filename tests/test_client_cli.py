@@ -4,6 +4,7 @@ provider). The blocking client runs in a thread: the app shares the test's loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from sia import cli
+from sia import cli, client_cli
+from sia import client as sia_client
 from sia.app import App
-from sia.client_cli import EXIT_AUTH, EXIT_USAGE
+from sia.client._channel import GENERATION_TIMEOUT, TIMEOUT
+from sia.client_cli import EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.access.helpers import app_key
-from tests.helpers import TEST_SIZE
+from tests.helpers import TEST_SIZE, MakeSettings
 
 SERVER_MODULES = ("sia.config", "sia.app", "sia.runtime", "sia.logs", "sia.access.cli")
 SERVER_PACKAGES = ("pydantic", "aiohttp", "PIL")
@@ -182,6 +185,41 @@ async def test_health(app: App, capsys: pytest.CaptureFixture[str]) -> None:
     assert await sia(app, "health", "--json") == 0
     [line] = _ours(capsys.readouterr().out)
     assert json.loads(line)["serving"] is True
+
+
+async def test_timeout_is_the_deadline_of_a_generation_and_a_watch(
+    make_settings: MakeSettings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--timeout cuts a generation or a watch short (DEADLINE_EXCEEDED, exit 6); without
+    it a watch has no deadline, even from a client whose own deadlines are short."""
+    async with App(make_settings(offline_latency=1.5)) as slow:
+        argv = ["generate", "a fox", "--size", TEST_SIZE, "--timeout", "0.3"]
+        assert await sia(slow, *argv) == EXIT_UNAVAILABLE
+        assert capsys.readouterr().err.startswith("sia: DEADLINE_EXCEEDED: ")
+
+        assert await sia(slow, "generate", "a fox", "--size", TEST_SIZE, "--async") == 0
+        [task_id] = _ours(capsys.readouterr().out)
+        assert await sia(slow, "tasks", "watch", task_id, "--timeout", "0.3") == EXIT_UNAVAILABLE
+        assert capsys.readouterr().err.startswith("sia: DEADLINE_EXCEEDED: ")
+
+        short = functools.partial(sia_client.Client, timeout=0.3, generation_timeout=0.3)
+        monkeypatch.setattr(sia_client, "Client", short)
+        assert await sia(slow, "tasks", "watch", task_id) == 0
+        states = [line.split()[1] for line in _ours(capsys.readouterr().out)]
+        assert states[-1] == "succeeded"
+
+
+def test_the_help_names_the_client_s_default_deadlines() -> None:
+    """The CLI's help states the defaults without importing the client (--help is fast)."""
+    assert (client_cli._GENERATION_TIMEOUT, client_cli._TIMEOUT) == (GENERATION_TIMEOUT, TIMEOUT)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_a_bad_timeout_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tasks", "watch", "task_x", "--timeout", value])
+    assert info.value.code == EXIT_USAGE
+    assert "--timeout" in capsys.readouterr().err
 
 
 def test_an_unreachable_server_exits_6(capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from datetime import UTC, datetime
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 COMMANDS = ("generate", "tasks", "health")
 
 DEFAULT_SERVER = "localhost:8080"
+
+# The client's default deadlines (sia.client._channel, not imported here: --help stays fast).
+_GENERATION_TIMEOUT = 600
+_TIMEOUT = 10
 
 EXIT_OK = 0
 EXIT_OTHER = 1
@@ -120,6 +125,11 @@ def add_commands(commands: Any) -> None:
         help="submit a task and print its id (follow it with `sia tasks watch ID`)",
     )
     generate.add_argument("--json", action="store_true", help="one JSON object per line")
+    _timeout(
+        generate,
+        f"wait at most this long for the images (default {_GENERATION_TIMEOUT}, longer "
+        f"than the server's IMAGE_TIMEOUT; with --async, for the submit: {_TIMEOUT})",
+    )
     generate.set_defaults(func=_run(_generate))
 
     tasks = commands.add_parser("tasks", help="list, inspect, follow and cancel async tasks")
@@ -130,10 +140,12 @@ def add_commands(commands: Any) -> None:
         "--limit", type=_count, default=20, help="at most N tasks (0: all; default 20)"
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per task")
+    _timeout(listing, f"deadline of each page's call (default {_TIMEOUT})")
     listing.set_defaults(func=_run(_tasks_list))
     get = actions.add_parser("get", parents=parents, help="a task's state")
     get.add_argument("id")
     get.add_argument("--json", action="store_true", help="the task as JSON")
+    _timeout(get, f"deadline of the call (default {_TIMEOUT})")
     get.set_defaults(func=_run(_tasks_get))
     watch = actions.add_parser(
         "watch", parents=parents, help="follow a task to its end, printing each change"
@@ -141,14 +153,33 @@ def add_commands(commands: Any) -> None:
     watch.add_argument("id")
     watch.add_argument("-o", "--out", help="save the final images here (file or directory)")
     watch.add_argument("--json", action="store_true", help="each state as a JSON line")
+    _timeout(watch, "stop watching after this long (default: no limit; a watch ends with the task)")
     watch.set_defaults(func=_run(_tasks_watch))
     cancel = actions.add_parser("cancel", parents=parents, help="cancel a queued or running task")
     cancel.add_argument("id")
+    _timeout(cancel, f"deadline of the call (default {_TIMEOUT})")
     cancel.set_defaults(func=_run(_tasks_cancel))
 
     health = commands.add_parser("health", parents=parents, help="whether the server serves")
     health.add_argument("--json", action="store_true", help="the answer as JSON")
+    _timeout(health, f"deadline of the call (default {_TIMEOUT})")
     health.set_defaults(func=_run(_health))
+
+
+def _timeout(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument(
+        "--timeout", type=_seconds, metavar="SECONDS", help=f"{text}; exit 6 past it"
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -234,6 +265,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
         "size": args.size,
         "images": args.images,
         "response_format": _FORMATS[args.format] if args.format else None,
+        "timeout": args.timeout,
     }
     if args.submit:
         if args.count > 1:
@@ -378,7 +410,8 @@ class _Saver:
 
 def _tasks_list(client: Client, args: argparse.Namespace) -> int:
     shown = 0
-    for task in client.iter_tasks(status=args.status, page_size=min(args.limit or 100, 100)):
+    page_size = min(args.limit or 100, 100)
+    for task in client.iter_tasks(status=args.status, page_size=page_size, timeout=args.timeout):
         if args.json:
             _emit(task_json(task))
         else:
@@ -392,7 +425,7 @@ def _tasks_list(client: Client, args: argparse.Namespace) -> int:
 
 
 def _tasks_get(client: Client, args: argparse.Namespace) -> int:
-    task = client.get_task(args.id)
+    task = client.get_task(args.id, timeout=args.timeout)
     if args.json:
         _emit(task_json(task))
         return EXIT_OK
@@ -405,7 +438,7 @@ def _tasks_get(client: Client, args: argparse.Namespace) -> int:
 
 def _tasks_watch(client: Client, args: argparse.Namespace) -> int:
     last: Task | None = None
-    for state in client.watch_task(args.id):
+    for state in client.watch_task(args.id, timeout=args.timeout):
         if args.json:
             _emit(task_json(state))
         else:
@@ -420,13 +453,13 @@ def _tasks_watch(client: Client, args: argparse.Namespace) -> int:
 
 
 def _tasks_cancel(client: Client, args: argparse.Namespace) -> int:
-    task = client.cancel_task(args.id)
+    task = client.cancel_task(args.id, timeout=args.timeout)
     print(f"{task.id} {task.status.value}")
     return EXIT_OK
 
 
 def _health(client: Client, args: argparse.Namespace) -> int:
-    health = client.health()
+    health = client.health(timeout=args.timeout)
     if args.json:
         _emit(
             {

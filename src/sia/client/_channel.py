@@ -29,8 +29,12 @@ IDEMPOTENT_METHODS = (
     "CancelImageTask",
 )
 
-#: Default deadlines in seconds: generations (and streams, watches) and every other call.
-GENERATION_TIMEOUT = 120.0
+#: Default deadlines in seconds: generations and group streams, and every other call
+#: but watches, which have none unless given one (a queued task may wait for long; the
+#: server ends the watch at the final state, and keepalive notices a dead server).
+#: 600 s is above the server's IMAGE_TIMEOUT (300 s by default), so its limit decides
+#: and reports it, rather than cutting off a group that is being made (and billed).
+GENERATION_TIMEOUT = 600.0
 TIMEOUT = 10.0
 
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024  # a b64_json group of 4K images is tens of MB

@@ -56,8 +56,8 @@ class AsyncClient:
         environ: Mapping[str, str] | None = None,
     ) -> None:
         """`api_key` defaults to $SIA_API_KEY; `ca`, `cert` or `key` imply `tls`;
-        `timeout` is the deadline of short calls, `generation_timeout` of generations,
-        streams and watches (every method takes its own `timeout` too)."""
+        `timeout` is the deadline of short calls, `generation_timeout` of generations
+        and group streams; watches have none (every method takes its own `timeout` too)."""
         self._settings = ChannelSettings.build(
             target,
             api_key=api_key,
@@ -281,10 +281,11 @@ class AsyncClient:
         self, task_id: str, *, timeout: float | None = None
     ) -> AsyncGenerator[Task, None]:
         """The task's state now and at every change, ending with its final state
-        (WatchImageTask)."""
+        (WatchImageTask). No deadline unless `timeout`: a watch lasts as long as the task
+        (a server shutting down ends it with Unavailable)."""
         call = self._stub.WatchImageTask(
             pb.WatchImageTaskRequest(task_id=task_id),
-            timeout=self._long(timeout),
+            timeout=timeout,  # None: no deadline
             metadata=self._metadata,
         )
         try:
@@ -295,7 +296,8 @@ class AsyncClient:
             call.cancel()
 
     async def wait_task(self, task_id: str, *, timeout: float | None = None) -> Task:
-        """Watch the task to its end and return the final state."""
+        """Watch the task to its end and return the final state (no deadline unless
+        `timeout`, which bounds the whole wait)."""
         last = None
         async for last in self.watch_task(task_id, timeout=timeout):  # noqa: B007
             pass
