@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from sia import cli
 from sia.api.image.v1 import image_service_pb2 as pb
 from sia.api.image.v1 import image_service_pb2_grpc as pb_grpc
 from sia.app import App
@@ -28,7 +29,7 @@ from sia.config import Settings
 from sia.errors import ConfigError
 from sia.logs import OUTPUT
 from sia.tls import CertificateFiles, HttpTls, Reloader, grpc_server_credentials
-from tests.helpers import LogConfig, MakeSettings
+from tests.helpers import TEST_SIZE, LogConfig, MakeSettings
 from tests.waiting import within
 
 #: Reload checks in tests: often enough that a renewal shows within a fraction of a second.
@@ -309,6 +310,22 @@ async def test_https_serves_and_reloads(make_settings: MakeSettings, pki: Pki) -
             http.get(f"https://localhost:{app.http_port}/ready", ssl=context) as resp,
         ):
             assert resp.status == 200
+
+
+async def test_sia_generate_over_tls_downloads_its_image_with_the_same_ca(
+    make_settings: MakeSettings, pki: Pki, tmp_path: Path
+) -> None:
+    """`sia generate --ca` trusts that CA for the call and for the image link on the
+    HTTPS port alike (not only the system's CAs)."""
+    settings = tls_settings(
+        make_settings, pki, http_tls_cert_file=pki.cert_file, http_tls_key_file=pki.key_file
+    )
+    out = tmp_path / "fox.jpg"
+    async with App(settings) as app:
+        argv = ["generate", "a fox", "--size", TEST_SIZE, "--server", f"localhost:{app.grpc_port}"]
+        argv += ["--ca", str(pki.ca_file), "-o", str(out)]
+        assert await asyncio.to_thread(cli.main, argv) == 0
+    assert out.read_bytes().startswith(b"\xff\xd8")  # a JPEG, fetched from https://localhost
 
 
 async def test_https_bad_renewal_keeps_the_old_certificate(pki: Pki, tmp_path: Path) -> None:

@@ -281,7 +281,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
     stem = f"sia-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     if args.count == 1:
         result = client.generate_image(args.prompt, seed=args.seed, **common)
-        saver = _Saver(args.out, stem, several=len(result.images) > 1, json_lines=args.json)
+        saver = _Saver(args, stem, several=len(result.images) > 1, json_lines=args.json)
         for image in result.images:
             saver.save(image)
         return saver.finish(result.model, result.usage.generated_images)
@@ -291,7 +291,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
 def _stream(client: Client, args: argparse.Namespace, common: dict[str, Any], stem: str) -> int:
     from sia.client import Completed  # noqa: PLC0415
 
-    saver = _Saver(args.out, stem, several=True, json_lines=args.json)
+    saver = _Saver(args, stem, several=True, json_lines=args.json)
     events = client.stream_group(args.prompt, max_images=args.count, **common)
     if args.json:
         model, made = "", 0
@@ -336,7 +336,15 @@ def _stream(client: Client, args: argparse.Namespace, common: dict[str, Any], st
 class _Saver:
     """Saves images where --out says, printing a line (or a JSON object) for each."""
 
-    def __init__(self, out: str | None, stem: str, *, several: bool, json_lines: bool) -> None:
+    def __init__(
+        self, args: argparse.Namespace, stem: str, *, several: bool, json_lines: bool
+    ) -> None:
+        out: str | None = args.out
+        self.context = None
+        if args.ca:  # image links on an HTTPS port with a private CA are checked against it too
+            import ssl  # noqa: PLC0415 - keeps --help fast
+
+            self.context = ssl.create_default_context(cafile=args.ca)
         target = Path(out) if out else Path.cwd()
         self.directory = several or out is None or target.is_dir() or out.endswith(os.sep)
         self.target = target
@@ -377,7 +385,7 @@ class _Saver:
             return
         if self.directory:
             self.target.mkdir(parents=True, exist_ok=True)
-        path = image.save(self.path_for(image))
+        path = image.save(self.path_for(image), context=self.context)
         self.saved.append(path)
         record["path"] = str(path)
         if self.json_lines:
@@ -446,7 +454,7 @@ def _tasks_watch(client: Client, args: argparse.Namespace) -> int:
         last = state
     assert last is not None, "a watch sends the task's state at once"
     if args.out and last.images:
-        saver = _Saver(args.out, f"sia-{last.id}", several=len(last.images) > 1, json_lines=False)
+        saver = _Saver(args, f"sia-{last.id}", several=len(last.images) > 1, json_lines=False)
         for image in last.images:
             saver.save(image)
     return EXIT_OK if last.status.value == "succeeded" else EXIT_OTHER

@@ -19,6 +19,7 @@ from sia.client.errors import DownloadError
 
 if TYPE_CHECKING:
     import os
+    import ssl
 
     from google.protobuf.message import Message
 
@@ -87,8 +88,9 @@ class Image:
         """Whether the image was generated."""
         return self.error is None
 
-    def read(self, *, timeout: float = 60.0) -> bytes:
-        """The image file's bytes: `data`, or else downloaded from `url`."""
+    def read(self, *, timeout: float = 60.0, context: ssl.SSLContext | None = None) -> bytes:
+        """The image file's bytes: `data`, or else downloaded from `url` (over HTTPS with
+        `context`, for example one trusting a private CA; else the system's CAs)."""
         if self.error is not None:
             raise DownloadError(
                 f"image {self.index} failed: {self.error.code}: {self.error.message}"
@@ -99,7 +101,7 @@ class Image:
             raise DownloadError(f"image {self.index} has neither data nor an http(s) URL")
         try:
             # The scheme is checked above: only http(s) URLs the server sent are opened.
-            with urllib.request.urlopen(self.url, timeout=timeout) as answer:  # noqa: S310
+            with urllib.request.urlopen(self.url, timeout=timeout, context=context) as answer:  # noqa: S310
                 body: bytes = answer.read()
         except OSError as exc:  # URLError and HTTPError are OSErrors
             raise DownloadError(
@@ -107,10 +109,16 @@ class Image:
             ) from exc
         return body
 
-    def save(self, path: str | os.PathLike[str], *, timeout: float = 60.0) -> Path:
-        """Write the image file to `path` and return it."""
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        timeout: float = 60.0,
+        context: ssl.SSLContext | None = None,
+    ) -> Path:
+        """Write the image file to `path` and return it (`context` as for `read`)."""
         target = Path(path)
-        target.write_bytes(self.read(timeout=timeout))
+        target.write_bytes(self.read(timeout=timeout, context=context))
         return target
 
     @classmethod
