@@ -18,6 +18,7 @@ from sia.domain import GenerationResult, ImageError, ResponseFormat, TaskStatus,
 from sia.errors import ImageStoreUnavailable, SiaError
 from sia.images import as_bytes, with_images
 from sia.logs import get_logger
+from sia.tasks.errors import INTERNAL
 from sia.webhooks import TASK_FAILED, TASK_IMAGE, TASK_SUCCEEDED
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class TaskRunner:
             result = await service.images.keep_all(
                 with_images(result, kept), retry_delays=images.STORE_RETRY_DELAYS
             )
-        except SiaError as exc:
+        except Exception as exc:  # a bug fails the task INTERNAL: its webhook is told so too
             if request.webhook_url:
                 failed = dataclasses.replace(
                     task, status=TaskStatus.FAILED, finished_at=utcnow(), error=_error(exc)
@@ -97,5 +98,6 @@ class TaskRunner:
         return dataclasses.replace(task, status=status, result=linked, finished_at=finished)
 
 
-def _error(exc: SiaError) -> ImageError:
-    return ImageError(exc.reason, exc.message)
+def _error(exc: Exception) -> ImageError:
+    """What the task stores for `exc` (as `tasks.errors.runner_failure` decides)."""
+    return ImageError(exc.reason, exc.message) if isinstance(exc, SiaError) else INTERNAL

@@ -53,6 +53,30 @@ async def test_a_group_task_posts_each_image_and_its_end(
     assert received[0].query == "client=7"
 
 
+async def test_a_task_failing_with_a_bug_posts_task_failed(
+    webhook_settings: WebhookSettings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner that fails with something other than SIA's own errors (a bug) fails the
+    task INTERNAL, and its webhook hears task.failed with that error, not nothing."""
+    settings = webhook_settings()
+    async with App(settings) as app:
+
+        async def broken(*_: object, **__: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(app.service, "call_provider", broken)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            stub = grpc_pb.ImageServiceStub(channel)
+            request = pb.GenerateImageRequest(
+                prompt="x", size="2K", webhook_url=receiver.url + "/hook"
+            )
+            task = await stub.GenerateImageAsync(request, timeout=10)
+            [received] = await receiver.wait_for(1, timeout=20)
+    assert received.event["type"] == "task.failed"
+    assert received.event["data"]["task_id"] == task.task_id
+    assert received.event["data"]["error"] == {"code": "INTERNAL", "message": "internal error"}
+
+
 async def test_a_webhook_url_is_checked_at_submit(
     webhook_settings: WebhookSettings, make_settings: MakeSettings
 ) -> None:
