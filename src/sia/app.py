@@ -208,7 +208,8 @@ class App:
             webhooks=self.webhooks,
         )
         self._check_default_size()
-        await self.tasks.start(TaskRunner(self.service))
+        runner = TaskRunner(self.service)
+        await self.tasks.start(runner, on_abandoned=runner.abandoned)
 
         self.grpc = GrpcServer(
             settings, self.service, self.metrics, self.readiness, access=self.access

@@ -80,6 +80,12 @@ class TaskRunner:
             await self._post(await self._shown(task, result, TaskStatus.SUCCEEDED), TASK_SUCCEEDED)
         return result
 
+    async def abandoned(self, task: Task) -> None:
+        """A task its backend failed ABANDONED without running it: its webhook hears
+        task.failed, as it would from a run that failed."""
+        if task.request.webhook_url:
+            await self._post(task, TASK_FAILED)
+
     async def _post(self, task: Task, kind: str, *, image: GeneratedImage | None = None) -> None:
         """Store a webhook event of `task`; a failing delivery store never fails the task
         (its images are generated and billed): the fault is logged and the event lost."""

@@ -61,7 +61,7 @@ from tests.tasks.backend_helpers import (
     wait_status,
     watch_until,
 )
-from tests.waiting import within
+from tests.waiting import until, within
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -378,7 +378,15 @@ async def test_a_task_interrupted_max_attempts_times_fails_abandoned(backends: M
     await runner.wait_started()
     await first.aclose()
     runner.started.clear()
-    second = await started(backends, runner, workers=1, max_attempts=2)
+    # The backend that fails it (SQLite: the one whose drain finds it out of attempts;
+    # Redis: the one that dequeues it next) tells the hook: the app's tells its webhook.
+    told: list[Task] = []
+
+    async def on_abandoned(task: Task) -> None:
+        told.append(task)
+
+    second = backends(workers=1, max_attempts=2)
+    await second.start(runner, on_abandoned=on_abandoned)
     await runner.wait_started()
     await second.aclose()
     assert runner.calls == [task.id, task.id]
@@ -389,12 +397,17 @@ async def test_a_task_interrupted_max_attempts_times_fails_abandoned(backends: M
         ran.append(task.id)
         return make_result(task)
 
-    third = await started(backends, runner_after, workers=1, max_attempts=2)
+    third = backends(workers=1, max_attempts=2)
+    await third.start(runner_after, on_abandoned=on_abandoned)
     failed = await wait_status(third, task.id, TaskStatus.FAILED)
     assert failed.error is not None
     assert failed.error.code == "ABANDONED"
     assert "interrupted 2 times" in failed.error.message
     assert ran == []
+    await until(lambda: bool(told), "on_abandoned was not called")
+    [heard] = told
+    assert (heard.id, heard.status, heard.error) == (task.id, TaskStatus.FAILED, failed.error)
+    assert heard.request == task.request
 
 
 async def test_billed_calls_per_task_have_one_cap(backends: Make) -> None:

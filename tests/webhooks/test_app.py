@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -75,6 +76,27 @@ async def test_a_task_failing_with_a_bug_posts_task_failed(
     assert received.event["type"] == "task.failed"
     assert received.event["data"]["task_id"] == task.task_id
     assert received.event["data"]["error"] == {"code": "INTERNAL", "message": "internal error"}
+
+
+async def test_an_abandoned_task_posts_task_failed(
+    webhook_settings: WebhookSettings, receiver: Receiver
+) -> None:
+    """A task interrupted TASK_MAX_ATTEMPTS times (here once: a shutdown with no grace
+    while it runs) fails ABANDONED without a run, and its webhook still hears task.failed
+    (delivered by the next start when the first could not)."""
+    settings = webhook_settings(offline_latency=5.0, task_max_attempts=1, shutdown_grace=0)
+    async with _stub(settings) as stub:
+        request = pb.GenerateImageRequest(prompt="x", size="2K", webhook_url=receiver.url)
+        task = await stub.GenerateImageAsync(request, timeout=10)
+        while (await stub.GetImageTask(pb.GetImageTaskRequest(task_id=task.task_id))).status != (
+            pb.TASK_STATUS_RUNNING
+        ):
+            await asyncio.sleep(0.02)
+    async with _stub(settings):
+        [received] = await receiver.wait_for(1, timeout=20)
+    assert received.event["type"] == "task.failed"
+    assert received.event["data"]["task_id"] == task.task_id
+    assert received.event["data"]["error"]["code"] == "ABANDONED"
 
 
 async def test_a_webhook_url_is_checked_at_submit(

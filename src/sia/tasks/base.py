@@ -29,6 +29,9 @@ class TaskStats:
 #: Runs one task to completion and returns its result, with every image already
 #: in the blob store; raises sia.errors.SiaError for a failure the task reports.
 Runner: TypeAlias = Callable[[Task], Awaitable[GenerationResult]]
+#: Told of each task a backend fails ABANDONED itself, running no runner for it (so that
+#: its webhook still hears how it ended).
+Abandoned: TypeAlias = Callable[[Task], Awaitable[None]]
 
 
 class TaskWatch(Protocol):
@@ -62,8 +65,9 @@ class TaskBackend(Protocol):
         """Short name shown in metrics, e.g. "sqlite"."""
         ...
 
-    async def start(self, runner: Runner) -> None:
-        """Open the store and start the workers."""
+    async def start(self, runner: Runner, *, on_abandoned: Abandoned | None = None) -> None:
+        """Open the store and start the workers; `on_abandoned` hears of each task
+        failed ABANDONED (interrupted TASK_MAX_ATTEMPTS times), already stored FAILED."""
         ...
 
     async def submit(self, request: GenerationRequest, *, owner: str = "") -> Task:

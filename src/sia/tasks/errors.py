@@ -27,6 +27,9 @@ from sia.logs import get_logger
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from sia.domain import Task
+    from sia.tasks.base import Abandoned
+
 log = get_logger("sia.tasks")
 
 #: What a task cancelled by its client stores.
@@ -40,6 +43,17 @@ def abandoned(attempts: int) -> ImageError:
     return ImageError(
         ABANDONED_CODE, f"the task was interrupted {attempts} times (TASK_MAX_ATTEMPTS)"
     )
+
+
+async def tell_abandoned(on_abandoned: Abandoned | None, task: Task) -> None:
+    """Call `on_abandoned` with `task`; its failure is logged, never raised (the task's
+    outcome is stored already)."""
+    if on_abandoned is None:
+        return
+    try:
+        await on_abandoned(task)
+    except Exception:
+        log.exception("task_abandoned_hook_failed", task_id=task.id)
 
 
 #: What a task stores when its runner failed with a bug; the traceback goes to the log only.

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from saq import Job, Status
 from structlog.contextvars import bound_contextvars
 
-from sia.domain import ImageError, Task, TaskStatus, new_task_id
+from sia.domain import ImageError, Task, TaskStatus, new_task_id, utcnow
 from sia.errors import (
     ConfigError,
     QueueFull,
@@ -68,7 +69,14 @@ from sia.logs import get_logger
 from sia.providers.retry import upstream_call_limit
 from sia.tasks.base import TaskStats
 from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
-from sia.tasks.errors import CANCELLED, INTERNAL, abandoned, runner_failure, store_errors
+from sia.tasks.errors import (
+    CANCELLED,
+    INTERNAL,
+    abandoned,
+    runner_failure,
+    store_errors,
+    tell_abandoned,
+)
 from sia.tasks.redis_events import TaskEvents
 from sia.tasks.redis_index import OwnerIndex
 from sia.tasks.redis_queue import FAULTS as _FAULTS
@@ -80,7 +88,7 @@ if TYPE_CHECKING:
 
     from sia.domain import GenerationRequest, GenerationResult
     from sia.metrics import Metrics
-    from sia.tasks.base import Runner
+    from sia.tasks.base import Abandoned, Runner
     from sia.tasks.watchers import Watch
 
 log = get_logger("sia.tasks.redis")
@@ -139,6 +147,7 @@ class RedisTaskBackend:
         self._worker: JobWorker | None = None
         self._worker_task: asyncio.Task[None] | None = None
         self._runner: Runner | None = None
+        self._on_abandoned: Abandoned | None = None
         self._watchers = Watchers()
         self._events: TaskEvents | None = None
         self._draining = False
@@ -152,10 +161,10 @@ class RedisTaskBackend:
     def _key(self, kind: str, name: str) -> str:
         return f"sia:{self.queue_name}:{kind}:{name}"
 
-    async def start(self, runner: Runner) -> None:
+    async def start(self, runner: Runner, *, on_abandoned: Abandoned | None = None) -> None:
         """Connect, check persistence, subscribe to task changes, then start this
         replica's saq worker."""
-        self._runner = runner
+        self._runner, self._on_abandoned = runner, on_abandoned
         self._redis = aioredis.from_url(self._url, **_CLIENT_OPTIONS)
         queue = JobQueue(self._redis, name=self.queue_name)
         events = TaskEvents(self._redis, queue.changes_channel, self._watchers)
@@ -402,6 +411,11 @@ class RedisTaskBackend:
             log.error("task_abandoned", task_id=job.key, attempts=job.attempts - 1)
             job.meta["error"] = {"code": error.code, "message": error.message}
             self._count("task_outcomes", TaskStatus.FAILED.value)
+            task = self._task(job, cancelled=False)
+            failed = dataclasses.replace(
+                task, status=TaskStatus.FAILED, error=error, finished_at=utcnow()
+            )
+            await tell_abandoned(self._on_abandoned, failed)
             raise _Abandoned(error.message)
         if job.attempts > 1:
             self._count("task_retries")

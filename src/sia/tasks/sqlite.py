@@ -28,7 +28,7 @@ from sia.errors import QueueFull, ShuttingDown, TaskNotCancellable, TaskNotFound
 from sia.logs import get_logger
 from sia.providers.retry import upstream_call_limit
 from sia.tasks.codec import result_to_json
-from sia.tasks.errors import INTERNAL, runner_failure
+from sia.tasks.errors import INTERNAL, runner_failure, tell_abandoned
 from sia.tasks.sqlite_table import TaskTable
 from sia.tasks.watchers import Watchers
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from sia.domain import GenerationRequest, GenerationResult, ImageError
     from sia.metrics import Metrics
-    from sia.tasks.base import Runner, TaskStats
+    from sia.tasks.base import Abandoned, Runner, TaskStats
     from sia.tasks.watchers import Watch
 
 log = get_logger(__name__)
@@ -84,16 +84,18 @@ class SqliteTaskBackend:
         self._drained = asyncio.Event()
         self._closed = False
         self._watchers = Watchers()
+        self._on_abandoned: Abandoned | None = None
 
     @property
     def name(self) -> str:
         """Short name shown in metrics."""
         return "sqlite"
 
-    async def start(self, runner: Runner) -> None:
+    async def start(self, runner: Runner, *, on_abandoned: Abandoned | None = None) -> None:
         """Open the file, queue again what a previous process left running, start workers."""
         if self._store is not None or self._closed:
             raise RuntimeError("SqliteTaskBackend.start() may be called once")
+        self._on_abandoned = on_abandoned
         self._store = await TaskTable.open(self.path)
         await self._requeue(None)
         self._worker_tasks = [
@@ -285,9 +287,10 @@ class SqliteTaskBackend:
         if requeued and task_id is None:
             log.info("tasks_requeued", count=requeued)
         if abandoned:
-            log.error("tasks_abandoned", count=abandoned, max_attempts=self.max_attempts)
-            for _ in range(abandoned):
+            log.error("tasks_abandoned", count=len(abandoned), max_attempts=self.max_attempts)
+            for task in abandoned:
                 self._count_outcome(TaskStatus.FAILED)
+                await tell_abandoned(self._on_abandoned, task)
 
     async def _run(self, task: Task, runner: Runner) -> None:
         # A later attempt may follow a call that was billed: it gets one call, no retries.

@@ -111,13 +111,14 @@ UPDATE tasks SET status = 'queued', attempts = attempts - 1, result = NULL, upda
 WHERE status = 'running' AND id = ?
 """
 # A RUNNING task whose attempts reached the limit fails instead of being queued again.
-_ABANDON_ALL = """
+_ABANDON = """
 UPDATE tasks SET status = 'failed', result = NULL, error_code = ?,
     error_message = 'the task was interrupted ' || attempts || ' times (TASK_MAX_ATTEMPTS)',
     updated_at = ?, finished_at = ?
 WHERE status = 'running' AND attempts >= ?
 """
-_ABANDON_ONE = f"{_ABANDON_ALL} AND id = ?"
+_ABANDON_ALL = f"{_ABANDON} RETURNING *"
+_ABANDON_ONE = f"{_ABANDON} AND id = ? RETURNING *"
 # Newest first, resuming strictly after the (created_at, id) of the last task seen: a range
 # on tasks_owner_created, so a deep page costs no more than the first.
 _LIST = """
@@ -227,19 +228,23 @@ class TaskTable:
         params = (CANCELLED.code, CANCELLED.message, now, now, task_id)
         return _task(await self._fetch_one(_CANCEL, params))
 
-    async def requeue(self, task_id: str | None = None, *, max_attempts: int) -> tuple[int, int]:
+    async def requeue(
+        self, task_id: str | None = None, *, max_attempts: int
+    ) -> tuple[int, tuple[Task, ...]]:
         """Put a RUNNING task (every one, without `task_id`) back in the queue.
 
         One that has had `max_attempts` attempts fails as ABANDONED instead.
-        Returns how many were queued again and how many failed.
+        Returns how many were queued again, and the tasks failed.
         """
         now = to_iso(utcnow())
         if task_id is None:
-            abandoned = await self._execute(_ABANDON_ALL, (ABANDONED_CODE, now, now, max_attempts))
-            return await self._execute(_REQUEUE_ALL, (now,)), abandoned
-        params = (ABANDONED_CODE, now, now, max_attempts, task_id)
-        abandoned = await self._execute(_ABANDON_ONE, params)
-        return await self._execute(_REQUEUE_ONE, (now, task_id)), abandoned
+            rows = await self._fetch_all(_ABANDON_ALL, (ABANDONED_CODE, now, now, max_attempts))
+            requeued = await self._execute(_REQUEUE_ALL, (now,))
+        else:
+            params = (ABANDONED_CODE, now, now, max_attempts, task_id)
+            rows = await self._fetch_all(_ABANDON_ONE, params)
+            requeued = await self._execute(_REQUEUE_ONE, (now, task_id))
+        return requeued, tuple(_task_of(row) for row in rows)
 
     async def unclaim(self, task_id: str) -> None:
         """Queue a task claimed but never run again, taking back the attempt its claim counted."""
