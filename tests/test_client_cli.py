@@ -176,6 +176,7 @@ async def test_a_wrong_key_exits_with_the_auth_code(
     assert code == EXIT_AUTH
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("sia: UNAUTHENTICATED: ")
+    assert line.endswith("pass --api-key KEY or set SIA_API_KEY")  # how this command sends one
 
 
 async def test_health(app: App, capsys: pytest.CaptureFixture[str]) -> None:

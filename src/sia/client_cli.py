@@ -201,7 +201,7 @@ def _count(text: str) -> int:
 
 def _run(command: Callable[[Client, argparse.Namespace], int]) -> Callable[..., int]:
     def run(args: argparse.Namespace) -> int:
-        from sia.client import Client, SiaError  # noqa: PLC0415 - keeps --help fast
+        from sia.client import Client, SiaError, Unauthenticated  # noqa: PLC0415 - fast --help
 
         server = args.server or os.environ.get("SIA_SERVER") or DEFAULT_SERVER
         try:
@@ -214,6 +214,9 @@ def _run(command: Callable[[Client, argparse.Namespace], int]) -> Callable[..., 
                 key=args.key,
             ) as client:
                 return command(client, args)
+        except Unauthenticated:  # the server's wording is gRPC's; say how this command sends one
+            print(f"sia: UNAUTHENTICATED: {_KEY_HINT}", file=sys.stderr)
+            return EXIT_AUTH
         except SiaError as exc:
             print(f"sia: {error_line(exc)}", file=sys.stderr)
             return exit_code(exc)
@@ -233,6 +236,9 @@ def _run(command: Callable[[Client, argparse.Namespace], int]) -> Callable[..., 
 def exit_code(error: SiaError) -> int:
     """The exit code for a client error (EXIT_CODES; 1 for the rest)."""
     return EXIT_CODES.get(error.code.name, EXIT_OTHER) if error.code is not None else EXIT_OTHER
+
+
+_KEY_HINT = "a valid API key is required: pass --api-key KEY or set SIA_API_KEY"
 
 
 def error_line(error: SiaError) -> str:
