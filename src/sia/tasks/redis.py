@@ -3,7 +3,8 @@
 Each replica runs a saq worker on its own event loop next to the gRPC server.
 A task is one saq job whose key is the task id, so any replica can answer for
 any task with one Redis round trip. The job carries the request; its result is
-the stored result (image bytes live in the blob store, never in Redis).
+the stored result (image bytes live in the blob store, never in Redis);
+`sia.tasks.redis_jobs` reads a job as a task.
 
 - Owners: a job's `meta["owner"]` names who submitted it (an API key's name;
   "" without access control).
@@ -20,7 +21,7 @@ the stored result (image bytes live in the blob store, never in Redis).
   dead replica's task runs elsewhere within about 1.5 heartbeats. Delivery
   is therefore at least once: after a crash an upstream call may be repeated.
 - Attempts: a task interrupted `max_attempts` times (its replica died, or
-  drained) fails as ABANDONED. A runner failure ends the task: the provider
+  drained) fails as ABANDONED, told to `on_abandoned`. A runner failure ends the task: the provider
   has already retried what another call may fix, and an attempt after the
   first makes a single upstream call (`upstream_call_limit`), so billed calls
   per task stay under one cap.
@@ -47,7 +48,6 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from redis import asyncio as aioredis
@@ -56,7 +56,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from saq import Job, Status
 from structlog.contextvars import bound_contextvars
 
-from sia.domain import ImageError, Task, TaskStatus, new_task_id, utcnow
+from sia.domain import Task, TaskStatus, new_task_id, utcnow
 from sia.errors import (
     ConfigError,
     QueueFull,
@@ -68,10 +68,9 @@ from sia.errors import (
 from sia.logs import get_logger
 from sia.providers.retry import upstream_call_limit
 from sia.tasks.base import TaskStats
-from sia.tasks.codec import request_from_json, request_to_json, result_from_json, result_to_json
+from sia.tasks.codec import request_to_json, result_to_json
 from sia.tasks.errors import (
     CANCELLED,
-    INTERNAL,
     abandoned,
     runner_failure,
     store_errors,
@@ -79,12 +78,14 @@ from sia.tasks.errors import (
 )
 from sia.tasks.redis_events import TaskEvents
 from sia.tasks.redis_index import OwnerIndex
+from sia.tasks.redis_jobs import task_of
 from sia.tasks.redis_queue import FAULTS as _FAULTS
 from sia.tasks.redis_queue import JobQueue, JobWorker, check_persistence, ping
 from sia.tasks.watchers import Watchers
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from datetime import datetime
 
     from sia.domain import GenerationRequest, GenerationResult
     from sia.metrics import Metrics
@@ -101,16 +102,6 @@ READY_TIMEOUT = 1.0
 _CLIENT_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 1.0,
     "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.2), retries=2),
-}
-
-_STATUSES = {
-    Status.NEW: TaskStatus.QUEUED,
-    Status.QUEUED: TaskStatus.QUEUED,
-    Status.ACTIVE: TaskStatus.RUNNING,
-    Status.ABORTING: TaskStatus.RUNNING,  # the sweep's abort before a retry
-    Status.ABORTED: TaskStatus.FAILED,
-    Status.FAILED: TaskStatus.FAILED,
-    Status.COMPLETE: TaskStatus.SUCCEEDED,
 }
 
 
@@ -227,7 +218,7 @@ class RedisTaskBackend:
                 raise Unavailable("the task could not be queued; retry")
             await self._owners.add(redis, owner, task_id, enqueued.queued)
         await queue.announce(task_id)
-        return self._task(enqueued, cancelled=False)
+        return task_of(enqueued, cancelled=False)
 
     def _claim_key(self, owner: str, request_id: str) -> str:
         """The key claiming `request_id` for `owner` (see the module docstring)."""
@@ -281,7 +272,7 @@ class RedisTaskBackend:
         )
         jobs = [queue.deserialize(raw) if raw else None for raw in values[:n]]
         return [
-            None if job is None else self._task(job, cancelled=marker is not None, progress=partial)
+            None if job is None else task_of(job, cancelled=marker is not None, progress=partial)
             for job, marker, partial in zip(jobs, values[n : 2 * n], values[2 * n :], strict=True)
         ]
 
@@ -295,7 +286,7 @@ class RedisTaskBackend:
         job = queue.deserialize(raw_job) if raw_job else None
         if job is None:
             raise TaskNotFound(task_id)
-        return self._task(job, cancelled=marker is not None, progress=partial)
+        return task_of(job, cancelled=marker is not None, progress=partial)
 
     async def cancel(self, task_id: str) -> Task:
         """Abort a queued or running job; its replica stops running it within a second."""
@@ -411,7 +402,7 @@ class RedisTaskBackend:
             log.error("task_abandoned", task_id=job.key, attempts=job.attempts - 1)
             job.meta["error"] = {"code": error.code, "message": error.message}
             self._count("task_outcomes", TaskStatus.FAILED.value)
-            task = self._task(job, cancelled=False)
+            task = task_of(job, cancelled=False)
             failed = dataclasses.replace(
                 task, status=TaskStatus.FAILED, error=error, finished_at=utcnow()
             )
@@ -420,7 +411,7 @@ class RedisTaskBackend:
         if job.attempts > 1:
             self._count("task_retries")
         await queue.announce(job.key)  # saq has stored it ACTIVE: RUNNING
-        task = self._task(job, cancelled=False)
+        task = task_of(job, cancelled=False)
         beat = asyncio.create_task(self._touch(job))
         # A later attempt may follow a call that was billed: it gets one call, no retries.
         calls = None if job.attempts <= 1 else 1
@@ -446,39 +437,6 @@ class RedisTaskBackend:
             except _FAULTS as exc:
                 log.warning("task_heartbeat_failed", task_id=job.key, error=type(exc).__name__)
 
-    def _task(self, job: Job, *, cancelled: bool, progress: bytes | None = None) -> Task:
-        """The task of `job`; `progress` is the value of its progress key, if any."""
-        status = TaskStatus.CANCELLED if cancelled else _STATUSES[job.status]
-        error = None
-        if status is TaskStatus.CANCELLED:
-            error = CANCELLED
-        elif status is TaskStatus.FAILED:
-            error = _failure(job)
-        result, progressed = None, 0
-        if status is TaskStatus.SUCCEEDED and job.result:
-            result = result_from_json(job.result)
-        elif status is TaskStatus.RUNNING and progress:
-            attempt, _, rest = progress.decode().partition(":")
-            if attempt == str(job.attempts):
-                millis, _, partial = rest.partition(":")
-                result, progressed = result_from_json(partial), int(millis)
-        created = _time(job.queued) or datetime.now(UTC)
-        finished = _time(job.completed) if status.is_terminal else None
-        moments = (created, _time(job.started), _time(job.touched), _time(progressed), finished)
-        updated = max(filter(None, moments))
-        return Task(
-            id=job.key,
-            request=request_from_json((job.kwargs or {})["request"]),
-            status=status,
-            created_at=created,
-            updated_at=updated,
-            finished_at=finished or (updated if status.is_terminal else None),
-            result=result,
-            error=error,
-            attempts=job.attempts,
-            owner=str(job.meta.get("owner", "")),
-        )
-
     def _count(self, metric: str, *labels: str) -> None:
         if self._metrics is not None:
             getattr(self._metrics, metric).labels(self.name, *labels).inc()
@@ -493,19 +451,5 @@ class RedisTaskBackend:
         return f"RedisTaskBackend(queue={self.queue_name!r}, workers={self.workers})"
 
 
-def _failure(job: Job) -> ImageError:
-    """Why a job failed, as recorded by _run_job; saq's own error text is a traceback."""
-    stored = job.meta.get("error")
-    if isinstance(stored, dict):
-        return ImageError(str(stored.get("code", INTERNAL.code)), str(stored.get("message", "")))
-    if job.status is Status.ABORTED:
-        return abandoned(job.attempts)
-    return INTERNAL
-
-
 class _Abandoned(Exception):
     """Raised to make saq fail a job that has used up its attempts."""
-
-
-def _time(millis: int) -> datetime | None:
-    return datetime.fromtimestamp(millis / 1000, UTC) if millis else None
