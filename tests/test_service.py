@@ -223,3 +223,31 @@ async def test_reference_budget_full_answers_resource_exhausted(
             with pytest.raises(asyncio.CancelledError):
                 await task
         assert app.service.references.held == 0
+
+
+async def test_a_cancel_whose_caller_goes_away_still_ends_the_task(
+    make_settings: MakeSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that goes away mid-cancel (gRPC or REST cancel the handler) must not cut
+    the store's write halfway: the cancel finishes behind the caller, and the task ends
+    CANCELLED, its run stopped. The backend's write is slowed to land the cut inside it."""
+    async with App(make_settings(offline_latency=5.0)) as app:
+        task = await app.service.submit(_request())
+        async with asyncio.timeout(GUARD):
+            while (await app.service.get_task(task.id)).status is not TaskStatus.RUNNING:
+                await asyncio.sleep(0.02)
+        real_cancel = app.tasks.cancel
+
+        async def slow_cancel(task_id: str) -> object:
+            await asyncio.sleep(0.2)
+            return await real_cancel(task_id)
+
+        monkeypatch.setattr(app.tasks, "cancel", slow_cancel)
+        caller = asyncio.create_task(app.service.cancel_task(task.id))
+        await asyncio.sleep(0.05)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        async with asyncio.timeout(GUARD):
+            while (await app.service.get_task(task.id)).status is not TaskStatus.CANCELLED:
+                await asyncio.sleep(0.02)

@@ -56,8 +56,7 @@ class TaskRunner:
             )
             await service.tasks.progress(task.id, partial, attempt=task.attempts)
             if request.webhook_images:
-                shown = await self._shown(task, partial, TaskStatus.RUNNING)
-                await self._post(shown, TASK_IMAGE, image=image)
+                await self._post(task, TASK_IMAGE, shown=(partial, TaskStatus.RUNNING), image=image)
 
         progress = on_image if request.sequential else None
         try:
@@ -77,7 +76,7 @@ class TaskRunner:
                 await self._post(failed, TASK_FAILED)
             raise
         if request.webhook_url:
-            await self._post(await self._shown(task, result, TaskStatus.SUCCEEDED), TASK_SUCCEEDED)
+            await self._post(task, TASK_SUCCEEDED, shown=(result, TaskStatus.SUCCEEDED))
         return result
 
     async def abandoned(self, task: Task) -> None:
@@ -86,13 +85,23 @@ class TaskRunner:
         if task.request.webhook_url:
             await self._post(task, TASK_FAILED)
 
-    async def _post(self, task: Task, kind: str, *, image: GeneratedImage | None = None) -> None:
-        """Store a webhook event of `task`; a failing delivery store never fails the task
-        (its images are generated and billed): the fault is logged and the event lost."""
+    async def _post(
+        self,
+        task: Task,
+        kind: str,
+        *,
+        shown: tuple[GenerationResult, TaskStatus] | None = None,
+        image: GeneratedImage | None = None,
+    ) -> None:
+        """Store a webhook event of `task` (`shown`: as `_shown` makes it, with that result
+        and status); a failure here never fails the task (its images are generated and
+        billed): the fault is logged and the event lost."""
         webhooks = self.service.webhooks
         if webhooks is None:
             return
         try:
+            if shown is not None:
+                task = await self._shown(task, *shown)
             await webhooks.enqueue(task, kind, image=image)
         except Exception as exc:  # the task's outcome stands whatever the webhooks do
             log.error("webhook_event_lost", task_id=task.id, kind=kind, error=repr(exc)[:200])

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sia.domain import GeneratedImage, GenerationRequest, GenerationResult, ResponseFormat, utcnow
 from sia.errors import DeadlineExceeded, RequestIdReused, ShuttingDown, SiaError, TaskNotFound
@@ -32,7 +32,7 @@ from sia.validation import (
 from sia.webhooks import TASK_CANCELLED
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Coroutine
     from datetime import date
 
     from sia.access.base import ApiKey, UsageEntry
@@ -47,6 +47,26 @@ if TYPE_CHECKING:
     from sia.webhooks import Webhooks
 
 log = get_logger("sia.service")
+
+_T = TypeVar("_T")
+
+
+async def _to_the_end(step: Coroutine[Any, Any, _T]) -> _T:
+    """Await `step` (a task store's write) to its end even if the caller is cancelled
+    meanwhile (its client went away): a write cut halfway would leave a task half made,
+    stored cancelled but still running, say. The caller still gets its CancelledError."""
+    running = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        running.add_done_callback(_log_failure)
+        raise
+
+
+def _log_failure(step: asyncio.Future[Any]) -> None:
+    if not step.cancelled() and (exc := step.exception()) is not None:
+        log.warning("task_write_failed_after_disconnect", error=repr(exc)[:200])
+
 
 _NO_TIMER = contextlib.nullcontext()
 
@@ -204,9 +224,9 @@ class ImageService:
         if request.images and (size := check_reference_total(request.images)):
             with self.references.claim(size):
                 await check_images(request.images)
-                task = await self.tasks.submit(request, owner=owner)
+                task = await _to_the_end(self.tasks.submit(request, owner=owner))
         else:
-            task = await self.tasks.submit(request, owner=owner)
+            task = await _to_the_end(self.tasks.submit(request, owner=owner))
         if task.request != request:
             raise RequestIdReused(request.request_id, task.id)
         return task
@@ -252,6 +272,9 @@ class ImageService:
     async def cancel_task(self, task_id: str, *, caller: ApiKey | None = None) -> Task:
         """Cancel a queued or running task of the caller."""
         await self._own_task(task_id, caller)
+        return await _to_the_end(self._cancel(task_id))
+
+    async def _cancel(self, task_id: str) -> Task:
         task = await self.tasks.cancel(task_id)
         if self.webhooks is not None and task.request.webhook_url:
             try:

@@ -237,6 +237,7 @@ def error_response(exc: errors.SiaError, request_id: str) -> web.Response:
         (errors.ProviderMisconfigured("the upstream refused the server's key"), 503),
         (ImagesFailed("OutputImageSensitiveContentDetected", "moderated"), 400),
         (ImagesFailed("InvalidImage", "bad base64"), 502),
+        (errors.ImageStoreUnavailable("the image store is unavailable"), 503),
         (errors.QueueFull(3), 429),
         (errors.ShuttingDown(), 503),
         (errors.DeadlineExceeded("late"), 504),
@@ -258,7 +259,8 @@ def test_error_table(exc: errors.SiaError, status: int) -> None:
         assert error["param"] == "n"
         assert error["message"] == "n: too many"  # spelt as the client spells it
     # After these the images may have been made and billed: OpenAI's SDKs must not resend.
-    assert (response.headers.get("X-Should-Retry") == "false") == (status in (500, 502, 504))
+    not_retried = status in (500, 502, 504) or isinstance(exc, errors.ImageStoreUnavailable)
+    assert (response.headers.get("X-Should-Retry") == "false") == not_retried
 
 
 def test_retry_after_rounds_up() -> None:

@@ -181,6 +181,9 @@ async def test_bad_field_is_400_naming_it(app: App) -> None:
         ({"prompt": "a cat", "webhook_each_image": True}, "webhook_each_image"),
         ({"prompt": "", "size": TEST_SIZE}, "prompt"),
         ({"prompt": "a cat", "colour": "red"}, "colour"),
+        # gRPC's name sent over REST: named as sent, with the REST name to use
+        ({"prompt": "a cat", "max_images": 3}, "max_images"),
+        ({"prompt": "a cat", "n": 99}, "n"),  # validation's max_images, spelt as REST does
     ]
     async with aiohttp.ClientSession() as http:
         for body, param in cases:
@@ -188,7 +191,10 @@ async def test_bad_field_is_400_naming_it(app: App) -> None:
                 assert resp.status == 400, body
                 error = (await resp.json())["error"]
                 assert error["param"] == param, (body, error)
+                assert error["message"].startswith((f"{param}: ", f"{param}[")), error
                 assert error["code"] == "invalid_argument"
+            if param == "max_images":
+                assert error["message"].endswith("(here it is n)")
         async with http.post(f"{base(app)}/v1/tasks", data=b"[1]") as resp:
             assert resp.status == 400
         async with http.get(f"{base(app)}/v1/tasks", params={"status": "nope"}) as resp:

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from sia import errors
 from sia.domain import new_request_id
+from sia.http.fields import FieldAsSent
 from sia.logs import KEY_NAME, REQUEST_ID, AccessLog, get_logger
 
 if TYPE_CHECKING:
@@ -52,8 +53,8 @@ HTTP_ERRORS: dict[type[errors.SiaError], tuple[int, str]] = {
 _MAX_RETRY_AFTER = 86_400
 
 
-#: Statuses after which the provider may already have generated (and billed) the images:
-#: OpenAI's SDKs retry 5xx by themselves unless told not to.
+#: Statuses after which the provider may already have generated (and billed) the images
+#: (and `_billed` errors of other statuses): OpenAI's SDKs retry 5xx unless told not to.
 _NOT_RETRIED = frozenset({500, 502, 504})
 
 #: Parts of per-image error codes that mean the content was refused (Ark's
@@ -93,19 +94,28 @@ def error_body(
         message = f"internal error (request id {request_id})"
     if isinstance(exc, errors.InvalidArgument) and exc.violations:
         # Fields as this API's clients spell them, in `param` and in the message.
-        names = [_respelt(v.field, params or {}) for v in exc.violations]
+        spelling = {} if isinstance(exc, FieldAsSent) else params or {}
+        names = [_respelt(v.field, spelling) for v in exc.violations]
         param = names[0].partition("[")[0]
         message = "; ".join(
             f"{n}: {v.description}" for n, v in zip(names, exc.violations, strict=True)
         )
     headers = {"X-Request-Id": request_id}
-    if status in _NOT_RETRIED:
+    if status in _NOT_RETRIED or _billed(exc):
         headers["X-Should-Retry"] = "false"
     retry_after = getattr(exc, "retry_after", None)
     if status in (429, 503) and retry_after is not None and math.isfinite(retry_after):
         headers["Retry-After"] = str(min(_MAX_RETRY_AFTER, max(0, math.ceil(retry_after))))
     body = {"error": {"message": message, "type": kind, "param": param, "code": exc.reason.lower()}}
     return status, body, headers
+
+
+def _billed(exc: errors.SiaError) -> bool:
+    """Whether the provider may already have made (and billed) the images: the store
+    failed after the generation, or the provider's answer was cut off or streamed."""
+    if isinstance(exc, errors.ImageStoreUnavailable):
+        return True
+    return isinstance(exc, errors.Retryable) and exc.final
 
 
 def _respelt(field: str, params: Mapping[str, str]) -> str:

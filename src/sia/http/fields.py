@@ -24,6 +24,11 @@ def field(name: str, description: str) -> errors.InvalidArgument:
     return errors.InvalidArgument.field(name, description)
 
 
+class FieldAsSent(errors.InvalidArgument):
+    """A bad field named exactly as the client sent it: its name is not respelt (a
+    client sending SIA's `max_images` is told about `max_images`, not about `n`)."""
+
+
 def generation_request(
     defaults: Defaults, body: dict[str, Any], images: Sequence[str], **extra: Any
 ) -> GenerationRequest:

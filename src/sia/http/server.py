@@ -174,6 +174,11 @@ class HttpServer:
         try:
             response = await handler(request)
             status = response.status
+            # A body (tens of MB of b64_json) is sent within the count, so a drain waits for
+            # it. FileResponse is left to aiohttp: its prepare opens the file each time.
+            if isinstance(response, web.Response) and not response.prepared:
+                await response.prepare(request)
+                await response.write_eof()
             return response
         except web.HTTPException as exc:
             status = exc.status

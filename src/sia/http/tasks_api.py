@@ -27,7 +27,7 @@ from aiohttp import web
 from sia import errors
 from sia.domain import TaskStatus
 from sia.http.common import ApiRoutes, error_body, json_object
-from sia.http.fields import field, generation_request, text
+from sia.http.fields import FieldAsSent, field, generation_request, text
 from sia.logs import REQUEST_ID
 from sia.validation import validate_page, validate_task_id
 
@@ -82,7 +82,9 @@ class TasksApi(ApiRoutes):
         """POST /v1/tasks: 202 with the new task (or the caller's task of its request_id)."""
         body = await json_object(request)
         if unknown := sorted(set(body) - _FIELDS):
-            raise field(unknown[0][:64], "is not a field of a task request")
+            name = unknown[0][:64]
+            hint = f" (here it is {self.PARAMS[name]})" if name in self.PARAMS else ""
+            raise FieldAsSent.field(name, f"is not a field of a task request{hint}")
         images = body.get("images")
         if images is None:
             images = []
