@@ -3,11 +3,14 @@ provider). The blocking client runs in a thread: the app shares the test's loop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import json
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from sia.client._channel import GENERATION_TIMEOUT, TIMEOUT
 from sia.client_cli import EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.access.helpers import app_key
 from tests.helpers import TEST_SIZE, MakeSettings
+from tests.test_tls import TestCA
 
 SERVER_MODULES = ("sia.config", "sia.app", "sia.runtime", "sia.logs", "sia.access.cli")
 SERVER_PACKAGES = ("pydantic", "aiohttp", "PIL")
@@ -203,11 +207,35 @@ async def test_timeout_is_the_deadline_of_a_generation_and_a_watch(
         assert await sia(slow, "tasks", "watch", task_id, "--timeout", "0.3") == EXIT_UNAVAILABLE
         assert capsys.readouterr().err.startswith("sia: DEADLINE_EXCEEDED: ")
 
+        # A fresh task, 1.5 s from its end: the watch starts long before that, and lasts
+        # past the short deadlines (asserted: a task already over would prove nothing).
+        assert await sia(slow, "generate", "a hare", "--size", TEST_SIZE, "--async") == 0
+        [task_id] = _ours(capsys.readouterr().out)
         short = functools.partial(sia_client.Client, timeout=0.3, generation_timeout=0.3)
         monkeypatch.setattr(sia_client, "Client", short)
+        started = time.monotonic()
         assert await sia(slow, "tasks", "watch", task_id) == 0
+        watched = time.monotonic() - started
         states = [line.split()[1] for line in _ours(capsys.readouterr().out)]
+        assert states[0] in {"queued", "running"}, "the task ended before the watch began"
         assert states[-1] == "succeeded"
+        assert watched > 0.3
+
+
+def test_ca_is_trusted_besides_the_system_s_cas(tmp_path: Path) -> None:
+    """--ca adds a CA to the system's for image links: S3 presigned or other public HTTPS
+    links still verify, and so do those of a server with a private CA."""
+    system = ssl.create_default_context().cert_store_stats()["x509_ca"]
+    if not system:
+        pytest.skip("no system CAs in a CA file here (cert_store_stats counts no CA dir)")
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(TestCA("SIA CLI test CA").pem)
+    args = argparse.Namespace(out=str(tmp_path), ca=str(ca_file))
+    context = client_cli._Saver(args, "stem", several=False, json_lines=False).context
+    assert context is not None
+    assert context.cert_store_stats()["x509_ca"] == system + 1
+    subjects = [dict(name[0] for name in cert["subject"]) for cert in context.get_ca_certs()]
+    assert {"commonName": "SIA CLI test CA"} in subjects
 
 
 def test_the_help_names_the_client_s_default_deadlines() -> None:

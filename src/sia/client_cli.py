@@ -347,10 +347,12 @@ class _Saver:
     ) -> None:
         out: str | None = args.out
         self.context = None
-        if args.ca:  # image links on an HTTPS port with a private CA are checked against it too
+        if args.ca:  # image links are checked against the system's CAs and this one too:
             import ssl  # noqa: PLC0415 - keeps --help fast
 
-            self.context = ssl.create_default_context(cafile=args.ca)
+            # a private CA's HTTPS port, and S3 presigned or other public HTTPS links alike
+            self.context = ssl.create_default_context()
+            self.context.load_verify_locations(cafile=args.ca)
         target = Path(out) if out else Path.cwd()
         self.directory = several or out is None or target.is_dir() or out.endswith(os.sep)
         self.target = target

@@ -58,26 +58,32 @@ async def test_a_watch_outlives_the_client_s_deadlines(slow_app: App) -> None:
         assert states[-1].status is TaskStatus.SUCCEEDED
 
         waited = await sia.submit("a harbour", size=TEST_SIZE)
+        started = time.monotonic()
         assert (await sia.wait_task(waited.id)).status is TaskStatus.SUCCEEDED
+        assert time.monotonic() - started > SHORT  # it waited past the deadlines
 
         bounded = await sia.submit("a cliff", size=TEST_SIZE)
         with pytest.raises(DeadlineExceeded):
             await sia.wait_task(bounded.id, timeout=SHORT)
 
 
-def _sync_waits(target: str) -> tuple[TaskStatus, bool]:
+def _sync_waits(target: str) -> tuple[TaskStatus, float, bool]:
     with Client(target, api_key="", timeout=SHORT, generation_timeout=SHORT) as sia:
-        final = sia.wait_task(sia.submit("a lighthouse", size=TEST_SIZE).id)
+        task = sia.submit("a lighthouse", size=TEST_SIZE)
+        started = time.monotonic()
+        final = sia.wait_task(task.id)
+        waited = time.monotonic() - started
         bounded = sia.submit("a cliff", size=TEST_SIZE)
         try:
             list(sia.watch_task(bounded.id, timeout=SHORT))
         except DeadlineExceeded:
-            return final.status, True
-        return final.status, False
+            return final.status, waited, True
+        return final.status, waited, False
 
 
 async def test_the_sync_client_s_watch_outlives_its_deadlines(slow_app: App) -> None:
     """The blocking client too (in a thread: the app shares this loop)."""
-    status, bounded = await asyncio.to_thread(_sync_waits, _target(slow_app))
+    status, waited, bounded = await asyncio.to_thread(_sync_waits, _target(slow_app))
     assert status is TaskStatus.SUCCEEDED
+    assert waited > SHORT, "the wait ended within the deadlines: it proved nothing"
     assert bounded, "watch_task(timeout=...) sets a deadline"

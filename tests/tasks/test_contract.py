@@ -379,13 +379,18 @@ async def test_a_task_interrupted_max_attempts_times_fails_abandoned(backends: M
     await first.aclose()
     runner.started.clear()
     # The backend that fails it (SQLite: the one whose drain finds it out of attempts;
-    # Redis: the one that dequeues it next) tells the hook: the app's tells its webhook.
+    # Redis: the one that dequeues it next) tells the hook, once it is stored FAILED: the
+    # app's tells its webhook.
     told: list[Task] = []
+    stored: list[TaskStatus] = []
+    reader: list[TaskBackend] = []  # an open backend, to read the task as the hook hears it
 
     async def on_abandoned(task: Task) -> None:
         told.append(task)
+        stored.append((await reader[-1].get(task.id)).status)
 
     second = backends(workers=1, max_attempts=2)
+    reader.append(second)
     await second.start(runner, on_abandoned=on_abandoned)
     await runner.wait_started()
     await second.aclose()
@@ -398,6 +403,7 @@ async def test_a_task_interrupted_max_attempts_times_fails_abandoned(backends: M
         return make_result(task)
 
     third = backends(workers=1, max_attempts=2)
+    reader.append(third)
     await third.start(runner_after, on_abandoned=on_abandoned)
     failed = await wait_status(third, task.id, TaskStatus.FAILED)
     assert failed.error is not None
@@ -408,6 +414,7 @@ async def test_a_task_interrupted_max_attempts_times_fails_abandoned(backends: M
     [heard] = told
     assert (heard.id, heard.status, heard.error) == (task.id, TaskStatus.FAILED, failed.error)
     assert heard.request == task.request
+    assert stored == [TaskStatus.FAILED]
 
 
 async def test_billed_calls_per_task_have_one_cap(backends: Make) -> None:

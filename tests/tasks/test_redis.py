@@ -1,6 +1,7 @@
 """What only the redis backend does: its keys for owners, an owner's index of tasks
 (expired entries dropped, the set trimmed and expiring, ties and the scan bound on paging),
-and watches across replicas (one subscription each, announcements on one channel).
+watches across replicas (one subscription each, announcements on one channel), and a task
+whose replica died in its last attempt abandoned by another's sweep.
 
 These run on the real Redis on 127.0.0.1:6379, each test on its own queue name; with
 CI=true an unreachable Redis fails them instead of skipping them.
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis import asyncio as aioredis
 
-from sia.domain import GenerationRequest, Task, TaskStatus
+from sia.domain import GenerationRequest, GenerationResult, Task, TaskStatus
 from sia.tasks.redis import RedisTaskBackend
 from tests.tasks.backend_helpers import (
     REDIS_URL,
@@ -25,12 +26,14 @@ from tests.tasks.backend_helpers import (
     delete_queue_keys,
     images_result,
     make_request,
+    make_result,
     open_watches,
     require_redis,
     stays_unchanged,
     wait_status,
     watch_until,
 )
+from tests.waiting import until
 
 _RETENTION = 100
 
@@ -236,3 +239,58 @@ async def test_changes_are_announced_on_one_channel_as_task_ids(
         assert seen[:3] == [task.id.encode()] * 3  # submit, claim, cancel (and the abort's end)
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def _crash(backend: RedisTaskBackend) -> None:
+    """Stop `backend` as SIGKILL would: its job is never touched, finished or re-queued
+    again, and its sweep stops (its queue's writes do nothing, then its worker ends)."""
+    queue, worker_task = backend._queue, backend._worker_task
+    assert queue is not None and worker_task is not None
+
+    async def nothing(*args: object, **kwargs: object) -> None:
+        return None
+
+    queue.update = queue._finish = queue._retry = nothing  # type: ignore[method-assign]
+    worker_task.cancel()
+    await asyncio.gather(worker_task, return_exceptions=True)
+
+
+async def test_a_task_whose_replica_dies_in_its_last_attempt_is_abandoned_by_the_sweep() -> None:
+    """A dies running a task's last attempt: B's sweep fails it ABANDONED, unrun, and tells
+    on_abandoned once, the task as stored."""
+    await require_redis()
+    queue = f"test-{uuid.uuid4().hex[:10]}"
+    told: list[Task] = []
+
+    async def on_abandoned(task: Task) -> None:
+        told.append(task)
+
+    ran: list[str] = []
+
+    async def runner_b(task: Task) -> GenerationResult:
+        ran.append(task.id)
+        return make_result(task)
+
+    runner = GatedRunner()
+    options = {"queue": queue, "workers": 1, "heartbeat": 1, "max_attempts": 1}
+    a = RedisTaskBackend(REDIS_URL, **options)  # type: ignore[arg-type]
+    b = RedisTaskBackend(REDIS_URL, **options)  # type: ignore[arg-type]
+    try:
+        await a.start(runner, on_abandoned=on_abandoned)
+        task = await a.submit(make_request())
+        await runner.wait_started()
+        await _crash(a)
+        await b.start(runner_b, on_abandoned=on_abandoned)
+        failed = await wait_status(b, task.id, TaskStatus.FAILED)
+        assert failed.error is not None
+        assert failed.error.code == "ABANDONED"
+        await until(lambda: bool(told), "on_abandoned was not called")
+        await asyncio.sleep(1.1)  # another sweep: none tells it again
+        [heard] = told
+        assert (heard.id, heard.status, heard.error) == (task.id, TaskStatus.FAILED, failed.error)
+        assert heard.request == task.request
+        assert ran == []
+    finally:
+        await a.aclose()
+        await b.aclose()
+        await delete_queue_keys(queue)

@@ -67,7 +67,8 @@ class TaskBackend(Protocol):
 
     async def start(self, runner: Runner, *, on_abandoned: Abandoned | None = None) -> None:
         """Open the store and start the workers; `on_abandoned` hears of each task
-        failed ABANDONED (interrupted TASK_MAX_ATTEMPTS times), already stored FAILED."""
+        failed ABANDONED (interrupted TASK_MAX_ATTEMPTS times, by drains or crashes) once,
+        from the replica that failed it, once it is stored FAILED."""
         ...
 
     async def submit(self, request: GenerationRequest, *, owner: str = "") -> Task:

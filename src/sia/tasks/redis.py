@@ -21,7 +21,9 @@ the stored result (image bytes live in the blob store, never in Redis);
   dead replica's task runs elsewhere within about 1.5 heartbeats. Delivery
   is therefore at least once: after a crash an upstream call may be repeated.
 - Attempts: a task interrupted `max_attempts` times (its replica died, or
-  drained) fails as ABANDONED, told to `on_abandoned`. A runner failure ends the task: the provider
+  drained) fails as ABANDONED, unrun: the replica that dequeues it next (after a
+  drain) or whose sweep finds it (after a crash) stores it FAILED, then tells
+  `on_abandoned` (see `sia.tasks.redis_queue`). A runner failure ends the task: the provider
   has already retried what another call may fix, and an attempt after the
   first makes a single upstream call (`upstream_call_limit`), so billed calls
   per task stay under one cap.
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from saq import Job, Status
 from structlog.contextvars import bound_contextvars
 
-from sia.domain import Task, TaskStatus, new_task_id, utcnow
+from sia.domain import Task, TaskStatus, new_task_id
 from sia.errors import (
     ConfigError,
     QueueFull,
@@ -157,7 +158,7 @@ class RedisTaskBackend:
         replica's saq worker."""
         self._runner, self._on_abandoned = runner, on_abandoned
         self._redis = aioredis.from_url(self._url, **_CLIENT_OPTIONS)
-        queue = JobQueue(self._redis, name=self.queue_name)
+        queue = JobQueue(self._redis, name=self.queue_name, on_abandoned=self._abandoned)
         events = TaskEvents(self._redis, queue.changes_channel, self._watchers)
         try:
             await ping(self._redis)
@@ -397,16 +398,9 @@ class RedisTaskBackend:
         if await redis.exists(self._key("cancel", job.key)):
             return ""  # cancelled while its previous replica ran it
         if job.attempts > self._max_attempts:  # saq re-queues a drained job regardless
-            job.retries = job.attempts  # saq marks it failed
+            job.retries = job.attempts  # saq marks it failed; the queue tells _abandoned
             error = abandoned(job.attempts - 1)
-            log.error("task_abandoned", task_id=job.key, attempts=job.attempts - 1)
             job.meta["error"] = {"code": error.code, "message": error.message}
-            self._count("task_outcomes", TaskStatus.FAILED.value)
-            task = task_of(job, cancelled=False)
-            failed = dataclasses.replace(
-                task, status=TaskStatus.FAILED, error=error, finished_at=utcnow()
-            )
-            await tell_abandoned(self._on_abandoned, failed)
             raise _Abandoned(error.message)
         if job.attempts > 1:
             self._count("task_retries")
@@ -428,6 +422,21 @@ class RedisTaskBackend:
             beat.cancel()
         self._count("task_outcomes", TaskStatus.SUCCEEDED.value)
         return stored
+
+    async def _abandoned(self, job: Job) -> None:
+        """Told by the queue of a job it has just stored failed ABANDONED: this replica
+        failed it, after drains (`_run_job`) or in its sweep (after a crash)."""
+        cancelled = False
+        if self._redis is not None:
+            with contextlib.suppress(*_FAULTS):  # unknown: it was abandoned all the same
+                cancelled = bool(await self._redis.exists(self._key("cancel", job.key)))
+        task = task_of(job, cancelled=cancelled)
+        if task.status is not TaskStatus.FAILED:  # cancelled as the sweep found it
+            return
+        message = task.error.message if task.error else ""
+        log.error("task_abandoned", task_id=task.id, detail=message)
+        self._count("task_outcomes", TaskStatus.FAILED.value)
+        await tell_abandoned(self._on_abandoned, task)
 
     async def _touch(self, job: Job) -> None:
         while True:

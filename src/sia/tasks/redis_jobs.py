@@ -13,7 +13,7 @@ from saq import Job, Status
 
 from sia.domain import ImageError, Task, TaskStatus
 from sia.tasks.codec import request_from_json, result_from_json
-from sia.tasks.errors import CANCELLED, INTERNAL, abandoned
+from sia.tasks.errors import ABANDONED_CODE, CANCELLED, INTERNAL, abandoned
 
 _STATUSES = {
     Status.NEW: TaskStatus.QUEUED,
@@ -58,6 +58,11 @@ def task_of(job: Job, *, cancelled: bool, progress: bytes | None = None) -> Task
         attempts=job.attempts,
         owner=str(job.meta.get("owner", "")),
     )
+
+
+def failed_abandoned(job: Job) -> bool:
+    """Whether `job` is FAILED as ABANDONED by _run_job (out of attempts after drains)."""
+    return job.status is Status.FAILED and _failure(job).code == ABANDONED_CODE
 
 
 def _failure(job: Job) -> ImageError:

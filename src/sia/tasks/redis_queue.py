@@ -9,6 +9,9 @@
   its retry) waits for Redis to come back rather than being dropped, which
   would leave the job to the sweep and generate it again; the sweep holds
   off until such writes have had their chance (`Outage.settling`).
+- Abandoned jobs: a job stored failed as out of attempts (failed by `_run_job` after
+  drains, or aborted by this queue's sweep after a crash) is told to `on_abandoned`
+  once, by the replica that wrote it, after the write.
 - Announcements: each finish and re-queue (a worker's, a drain's, the
   sweep's) is announced on the queue's task-changed channel once written
   (see `sia.tasks.redis_events`); a failed PUBLISH, here or saq's own, is
@@ -22,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from redis.exceptions import RedisError, ResponseError
 from saq import Job, Status, Worker
@@ -30,6 +34,7 @@ from saq.queue.redis import RedisQueue
 
 from sia.errors import ConfigError
 from sia.logs import get_logger
+from sia.tasks.redis_jobs import failed_abandoned
 
 if TYPE_CHECKING:
     from redis import asyncio as aioredis
@@ -42,6 +47,9 @@ FAULTS = (RedisError, OSError)
 #: inside the 10 s in which work must resume once Redis is back.
 FIRST_DELAY = 0.1
 MAX_DELAY = 2.0
+
+#: Told of a job this queue has just stored failed ABANDONED; must not raise.
+OnAbandoned: TypeAlias = Callable[[Job], Awaitable[None]]
 
 
 class Outage:
@@ -101,7 +109,8 @@ class JobWorker(Worker[Any]):
 
 class JobQueue(RedisQueue):
     """saq's Redis queue with a sweep that needs two sightings before it re-queues,
-    and the outage handling of the module docstring.
+    the outage handling of the module docstring, and `on_abandoned` told of each job
+    it stores failed ABANDONED.
 
     saq's sweep re-queues any job in the active list that is not ACTIVE, but a
     worker that has just dequeued a job has not marked it ACTIVE yet: a sweep
@@ -110,8 +119,11 @@ class JobQueue(RedisQueue):
     worker has marked it ACTIVE and touches it long before then.
     """
 
-    def __init__(self, redis: aioredis.Redis, name: str) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, name: str, *, on_abandoned: OnAbandoned | None = None
+    ) -> None:
         super().__init__(redis, name=name)
+        self.on_abandoned = on_abandoned
         self._suspects: set[bytes] = set()
         self.outage = Outage()
         self.closing = False
@@ -154,6 +166,12 @@ class JobQueue(RedisQueue):
     async def _finish(self, job: Job, status: Status, **kwargs: Any) -> None:
         await self._until_written(super()._finish, job, status, **kwargs)
         await self.announce(job.key)
+        if status is Status.FAILED and failed_abandoned(job):  # by _run_job, after drains
+            await self._abandoned(job)
+
+    async def _abandoned(self, job: Job) -> None:
+        if self.on_abandoned is not None:
+            await self.on_abandoned(job)
 
     async def _retry(self, job: Job, error: str | None) -> None:
         await self._until_written(super()._retry, job, error)
@@ -208,8 +226,9 @@ class JobQueue(RedisQueue):
                 await job.refresh(abort)
             if job.retryable:
                 await self.retry(job, error=self.swept_error_message)
-            else:
+            else:  # its last attempt was interrupted: it reads FAILED, ABANDONED
                 await self.finish(job, Status.ABORTED, error=self.swept_error_message)
+                await self._abandoned(job)
         return [job_id.decode() for job_id in swept]
 
 
