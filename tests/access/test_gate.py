@@ -111,9 +111,10 @@ async def _finished(app: App, task_id: str, caller: ApiKey | None) -> Task:
 
 async def test_queued_tasks_cannot_spend_past_the_quota(make_settings: MakeSettings) -> None:
     """Tasks admitted while the quota had room are checked again when they run."""
-    async with App(make_settings(offline_latency=0.2)) as app:
+    async with App(make_settings(task_workers=1, offline_latency=0.6)) as app:
         await app_key(app, "queued", images_per_day=1)
         caller = _caller(app, "queued")
+        await app.service.submit(_request())  # holds the one worker: the three all queue
         tasks = [await app.service.submit(_request(), caller=caller) for _ in range(3)]
         done = [await _finished(app, task.id, caller) for task in tasks]
         statuses = sorted(task.status.value for task in done)
