@@ -8,21 +8,17 @@ only its SHA-256 and its first characters.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from typing import TYPE_CHECKING, Any
 
 from sia.access.base import ApiKey, KeyLimits, UsageEntry
-from sia.errors import Unavailable
-from sia.logs import get_logger
 from sia.tasks.codec import from_iso, to_iso
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Iterable, Sequence
     from datetime import date
 
-log = get_logger("sia.access")
 
 #: The counters of a UsageEntry, in the order the stores keep them.
 COUNTERS = ("requests", "images", "output_tokens", "cost_micros")
@@ -97,20 +93,6 @@ def merge_usage(entries: Sequence[UsageEntry]) -> dict[tuple[str, str, date], tu
         before = merged.get(slot, (0,) * len(COUNTERS))
         merged[slot] = tuple(a + b for a, b in zip(before, counts, strict=True))
     return merged
-
-
-@contextlib.contextmanager
-def store_faults(backend: str, *foreign: type[BaseException]) -> Iterator[None]:
-    """Raise `Unavailable` from any of the `foreign` exceptions the store's client raises."""
-    try:
-        yield
-    except foreign as exc:
-        log.warning(
-            "access_store_error", backend=backend, error=type(exc).__name__, detail=str(exc)
-        )
-        raise Unavailable(
-            f"the access store ({backend}) is unavailable: {type(exc).__name__}; retry later"
-        ) from exc
 
 
 def _limits_dict(limits: KeyLimits) -> dict[str, int]:

@@ -32,9 +32,10 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import WatchError
 
 from sia.access.base import ApiKey, UsageEntry
-from sia.access.codec import COUNTERS, key_from_json, key_to_json, merge_usage, store_faults
+from sia.access.codec import COUNTERS, key_from_json, key_to_json, merge_usage
 from sia.errors import AlreadyExists, ConfigError, NotFound, Unavailable
 from sia.logs import get_logger
+from sia.stores import store_faults
 from sia.tasks.redis_queue import FAULTS, ping
 
 if TYPE_CHECKING:
@@ -95,7 +96,7 @@ class RedisAccessStore:
     async def add_key(self, key: ApiKey) -> None:
         """Store a new key; AlreadyExists when its name is taken (revoked too)."""
         redis = self._conn
-        with store_faults("redis", *FAULTS):
+        with store_faults("access", "redis", *FAULTS):
             added = await redis.hsetnx(self._key("keys"), key.name, key_to_json(key))  # type: ignore[misc]
         if not added:
             raise AlreadyExists(f"an API key named {key.name!r} exists")
@@ -103,7 +104,7 @@ class RedisAccessStore:
     async def revoke_key(self, name: str, at: datetime) -> ApiKey:
         """Mark the key revoked; NotFound when no key has that name."""
         redis, keys = self._conn, self._key("keys")
-        with store_faults("redis", *FAULTS):
+        with store_faults("access", "redis", *FAULTS):
             async with redis.pipeline(transaction=True) as pipe:
                 for _ in range(_REVOKE_TRIES):
                     try:
@@ -126,7 +127,7 @@ class RedisAccessStore:
     async def keys(self) -> list[ApiKey]:
         """Every key, revoked ones included, oldest first."""
         redis = self._conn
-        with store_faults("redis", *FAULTS):
+        with store_faults("access", "redis", *FAULTS):
             stored: dict[str, str] = await redis.hgetall(self._key("keys"))  # type: ignore[misc]
         keys = []
         for name, text in stored.items():
@@ -143,7 +144,7 @@ class RedisAccessStore:
             return
         redis, index = self._conn, self._key("usage-days")
         days: set[date] = set()
-        with store_faults("redis", *FAULTS):
+        with store_faults("access", "redis", *FAULTS):
             async with redis.pipeline(transaction=True) as pipe:
                 for (key, model, day), counts in merged.items():
                     for counter, count in zip(COUNTERS, counts, strict=True):
@@ -160,7 +161,7 @@ class RedisAccessStore:
     async def usage(self, key: str | None, first: date, last: date) -> list[UsageEntry]:
         """Totals per (key, model, day) for days in [first, last]; every key when None."""
         redis = self._conn
-        with store_faults("redis", *FAULTS):
+        with store_faults("access", "redis", *FAULTS):
             index = self._key("usage-days")
             days: list[str] = await redis.zrangebyscore(index, first.toordinal(), last.toordinal())
             if not days:

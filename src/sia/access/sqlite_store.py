@@ -18,11 +18,8 @@ that (locked past the busy timeout, full, an I/O error) is `Unavailable`.
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import date
-from typing import TYPE_CHECKING, Self
-
-import aiosqlite
+from typing import TYPE_CHECKING
 
 from sia.access.base import ApiKey, UsageEntry
 from sia.access.codec import (
@@ -31,16 +28,15 @@ from sia.access.codec import (
     merge_usage,
     models_from_json,
     models_to_json,
-    store_faults,
 )
-from sia.errors import AlreadyExists, ConfigError, NotFound
+from sia.errors import AlreadyExists, NotFound
+from sia.stores import SqliteFile
 from sia.tasks.codec import from_iso, to_iso
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    import sqlite3
+    from collections.abc import Sequence
     from datetime import datetime
-    from pathlib import Path
-    from types import TracebackType
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -93,44 +89,12 @@ SELECT * FROM usage WHERE day BETWEEN ? AND ? {where} ORDER BY day, key, model
 """
 
 
-class SqliteAccessStore:
+class SqliteAccessStore(SqliteFile):
     """An AccessStore in one SQLite file; `open()` (or `async with`) before use."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
-        self.path = path
-        self.busy_timeout = busy_timeout
-        self._db: aiosqlite.Connection | None = None
-
-    async def open(self) -> None:
-        """Open (or create) the file, in WAL mode, with the current schema."""
-        if self._db is not None:
-            raise RuntimeError("SqliteAccessStore.open() may be called once")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the access database {self.path}: {exc}") from exc
-        try:
-            db.row_factory = aiosqlite.Row
-            await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
-            (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"the access database {self.path} has schema {version}; "
-                    f"this version of sia knows only up to {SCHEMA_VERSION}"
-                )
-            # IMMEDIATE: a process opening the file at the same time waits its turn.
-            await db.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        except BaseException as exc:
-            await db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise ConfigError(f"cannot use the access database {self.path}: {exc}") from exc
-            raise
-        self._db = db
+    STORE = "access"
+    SCHEMA = _SCHEMA
+    SCHEMA_VERSION = SCHEMA_VERSION
 
     async def add_key(self, key: ApiKey) -> None:
         """Store a new key; AlreadyExists when its name (or its hash) is taken."""
@@ -180,52 +144,6 @@ class SqliteAccessStore:
             params.append(key)
         rows = await self._fetch_all(_USAGE.format(where=where), params)
         return [_entry(row) for row in rows]
-
-    async def ping(self) -> bool:
-        """True while the file answers a trivial query."""
-        try:
-            await self._conn.execute_fetchall("SELECT 1")
-        except sqlite3.Error:
-            return False
-        return True
-
-    async def aclose(self) -> None:
-        """Close the connection; idempotent."""
-        db, self._db = self._db, None
-        if db is not None:
-            await db.close()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __repr__(self) -> str:
-        return f"SqliteAccessStore(path={str(self.path)!r})"
-
-    @property
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("SqliteAccessStore is not open, or already closed")
-        return self._db
-
-    async def _fetch_all(self, sql: str, params: Iterable[object]) -> Iterable[sqlite3.Row]:
-        db = self._conn
-        with store_faults("sqlite", sqlite3.Error):
-            return await db.execute_fetchall(sql, params)
-
-    async def _execute(self, sql: str, params: Iterable[object]) -> int:
-        db = self._conn
-        with store_faults("sqlite", sqlite3.Error):
-            async with db.execute(sql, params) as cursor:
-                return cursor.rowcount
 
 
 def _key(row: sqlite3.Row) -> ApiKey:

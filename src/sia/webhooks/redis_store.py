@@ -31,8 +31,9 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from sia.errors import ConfigError
 from sia.logs import get_logger
+from sia.stores import store_faults
 from sia.tasks.redis_queue import FAULTS, ping
-from sia.webhooks.store import Delivery, store_faults
+from sia.webhooks.store import Delivery
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -128,7 +129,7 @@ class RedisDeliveryStore:
             ensure_ascii=False,
         )
         redis = self._conn
-        with store_faults("redis", *FAULTS):
+        with store_faults("webhook", "redis", *FAULTS):
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.hsetnx(self._records, d.id, record)
                 pipe.hsetnx(self._attempts, d.id, str(d.attempts))
@@ -142,7 +143,7 @@ class RedisDeliveryStore:
             return []
         self._check_open()
         keys = [self._due, self._records, self._attempts, self._errors]
-        with store_faults("redis", *FAULTS):
+        with store_faults("webhook", "redis", *FAULTS):
             flat: list[str] = await self._claim(keys=keys, args=[now, limit, now + lease])
         claimed = []
         for i in range(0, len(flat), _FIELDS):
@@ -172,14 +173,14 @@ class RedisDeliveryStore:
         """Due again at `next_at`, unless claimed again (or deleted) since."""
         self._check_open()
         keys = [self._due, self._attempts, self._errors]
-        with store_faults("redis", *FAULTS):
+        with store_faults("webhook", "redis", *FAULTS):
             applied = await self._reschedule(keys=keys, args=[id, next_at, attempts, last_error])
         return bool(applied)
 
     async def done(self, id: str) -> None:
         """Delete the delivery; idempotent."""
         redis = self._conn
-        with store_faults("redis", *FAULTS):
+        with store_faults("webhook", "redis", *FAULTS):
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(self._due, id)
                 pipe.hdel(self._records, id)
@@ -190,7 +191,7 @@ class RedisDeliveryStore:
     async def pending(self) -> int:
         """How many deliveries wait."""
         redis = self._conn
-        with store_faults("redis", *FAULTS):
+        with store_faults("webhook", "redis", *FAULTS):
             return int(await redis.zcard(self._due))
 
     async def ping(self) -> bool:

@@ -13,18 +13,13 @@ or holds a newer schema, is a `ConfigError` at `open()`; any later fault is
 
 from __future__ import annotations
 
-import sqlite3
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
-import aiosqlite
-
-from sia.errors import ConfigError
-from sia.webhooks.store import Delivery, store_faults
+from sia.stores import SqliteFile
+from sia.webhooks.store import Delivery
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-    from pathlib import Path
-    from types import TracebackType
+    import sqlite3
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -56,43 +51,12 @@ UPDATE deliveries SET next_at = ?, last_error = ? WHERE id = ? AND attempts = ?
 """
 
 
-class SqliteDeliveryStore:
+class SqliteDeliveryStore(SqliteFile):
     """A DeliveryStore in one SQLite file; `open()` (or `async with`) before use."""
 
-    def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
-        self.path = path
-        self.busy_timeout = busy_timeout
-        self._db: aiosqlite.Connection | None = None
-
-    async def open(self) -> None:
-        """Open (or create) the file, in WAL mode, with the current schema."""
-        if self._db is not None:
-            raise RuntimeError("SqliteDeliveryStore.open() may be called once")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, isolation_level=None)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the webhook database {self.path}: {exc}") from exc
-        try:
-            db.row_factory = aiosqlite.Row
-            await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            await db.execute("PRAGMA journal_mode = WAL")
-            await db.execute("PRAGMA synchronous = NORMAL")
-            (version,) = next(iter(await db.execute_fetchall("PRAGMA user_version")))
-            if version > SCHEMA_VERSION:
-                raise ConfigError(
-                    f"the webhook database {self.path} has schema {version}; "
-                    f"this version of sia knows only up to {SCHEMA_VERSION}"
-                )
-            await db.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        except BaseException as exc:
-            await db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise ConfigError(f"cannot use the webhook database {self.path}: {exc}") from exc
-            raise
-        self._db = db
+    STORE = "webhook"
+    SCHEMA = _SCHEMA
+    SCHEMA_VERSION = SCHEMA_VERSION
 
     async def add(self, delivery: Delivery) -> None:
         """Store a new delivery; adding an id again changes nothing."""
@@ -122,52 +86,6 @@ class SqliteDeliveryStore:
         """How many deliveries wait."""
         rows = await self._fetch_all("SELECT count(*) FROM deliveries", ())
         return int(next(iter(rows))[0])
-
-    async def ping(self) -> bool:
-        """True while the file answers a trivial query."""
-        try:
-            await self._conn.execute_fetchall("SELECT 1")
-        except sqlite3.Error:
-            return False
-        return True
-
-    async def aclose(self) -> None:
-        """Close the connection; idempotent."""
-        db, self._db = self._db, None
-        if db is not None:
-            await db.close()
-
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __repr__(self) -> str:
-        return f"SqliteDeliveryStore(path={str(self.path)!r})"
-
-    @property
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("SqliteDeliveryStore is not open, or already closed")
-        return self._db
-
-    async def _fetch_all(self, sql: str, params: Iterable[object]) -> Iterable[sqlite3.Row]:
-        db = self._conn
-        with store_faults("sqlite", sqlite3.Error):
-            return await db.execute_fetchall(sql, params)
-
-    async def _execute(self, sql: str, params: Iterable[object]) -> int:
-        db = self._conn
-        with store_faults("sqlite", sqlite3.Error):
-            async with db.execute(sql, params) as cursor:
-                return cursor.rowcount
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:

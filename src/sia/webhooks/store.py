@@ -19,20 +19,13 @@ them: `ConfigError` at `open()`, `Unavailable` after.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Self
 
-from sia.errors import Unavailable
-from sia.logs import get_logger
-
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from types import TracebackType
 
     from sia.config import Settings
-
-log = get_logger("sia.webhooks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,17 +96,3 @@ def build_delivery_store(settings: Settings) -> DeliveryStore:
     from sia.webhooks.sqlite_store import SqliteDeliveryStore  # noqa: PLC0415
 
     return SqliteDeliveryStore(settings.data_dir / "webhooks.db")
-
-
-@contextlib.contextmanager
-def store_faults(backend: str, *foreign: type[BaseException]) -> Iterator[None]:
-    """Raise `Unavailable` from any of the `foreign` exceptions the store's client raises."""
-    try:
-        yield
-    except foreign as exc:
-        log.warning(
-            "webhook_store_error", backend=backend, error=type(exc).__name__, detail=str(exc)[:200]
-        )
-        raise Unavailable(
-            f"the webhook store ({backend}) is unavailable: {type(exc).__name__}; retry later"
-        ) from exc
