@@ -280,6 +280,22 @@ class Retryable:
     final: bool = False
 
 
+#: Parts of the providers' error codes that mean the content was refused: Ark's
+#: `...SensitiveContentDetected` and `...RiskDetection`, OpenAI's `content_policy_violation`
+#: and `moderation_blocked` (whole requests, or one image of a group).
+CONTENT_REFUSALS = (
+    "SensitiveContentDetected",
+    "RiskDetection",
+    "content_policy_violation",
+    "moderation_blocked",
+)
+
+
+def content_refused(code: str) -> bool:
+    """True for a provider's error code that refuses the content rather than the call."""
+    return any(part in code for part in CONTENT_REFUSALS)
+
+
 def retryable(exc: BaseException) -> bool:
     """True for an error another attempt may fix (rate limits and transient failures)."""
     return isinstance(exc, Retryable) and not exc.final

@@ -57,10 +57,6 @@ _MAX_RETRY_AFTER = 86_400
 #: (and `_billed` errors of other statuses): OpenAI's SDKs retry 5xx unless told not to.
 _NOT_RETRIED = frozenset({500, 502, 504})
 
-#: Parts of per-image error codes that mean the content was refused (Ark's
-#: `OutputImageSensitiveContentDetected`, OpenAI's `content_policy_violation`).
-_CONTENT_MARKERS = ("Sensitive", "RiskDetection", "content_policy", "moderation")
-
 
 class ImagesFailed(errors.SiaError):
     """Every image of a group failed: the first one's code and message, a 400 when the
@@ -69,7 +65,7 @@ class ImagesFailed(errors.SiaError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.reason = code
-        self.content = any(marker in code for marker in _CONTENT_MARKERS)
+        self.content = errors.content_refused(code)
 
 
 def status_of(exc: errors.SiaError) -> tuple[int, str]:

@@ -34,6 +34,7 @@ from sia.errors import (
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamUnavailable,
+    content_refused,
 )
 from sia.logs import get_logger
 from sia.models import ARK_MODELS, parse_dimensions
@@ -63,8 +64,6 @@ PROVIDER = "ark"
 QUOTA_CODES = frozenset({"QuotaExceeded", "SetLimitExceeded"})
 #: 429 codes besides the `*RateLimitExceeded*` family; all are retried.
 RATE_CODES = frozenset({"RequestBurstTooFast", "ServerOverloaded"})
-#: Parts of the 400 codes that reject the content rather than a parameter.
-CONTENT_CODES = ("SensitiveContentDetected", "RiskDetection")
 #: Code prefixes of the 400s that reject a parameter.
 PARAMETER_CODES = ("MissingParameter", "InvalidParameter")
 #: Code prefixes that mean the model (or endpoint) asked for is not open to this account:
@@ -301,7 +300,7 @@ def _from_error_body(
             f"account ({code}); this is not a problem with your request",
             metadata=meta,
         )
-    if any(marker in code for marker in CONTENT_CODES):
+    if content_refused(code):
         field = "images" if code.startswith("InputImage") else "prompt"
         return UpstreamRejected(
             field, f"rejected by the provider's content check ({code}): {message}", metadata=meta

@@ -32,6 +32,7 @@ from sia.errors import (
     UpstreamRateLimited,
     UpstreamRejected,
     UpstreamUnavailable,
+    content_refused,
 )
 from sia.models import ModelSpec, parse_dimensions
 from sia.providers.http import (
@@ -59,8 +60,6 @@ OUTPUT_FORMAT = "png"
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached"})
 #: Codes that mean the model asked for is not open to this account: that call fails only.
 MODEL_CODES = frozenset({"model_not_found"})
-#: 400 codes that reject the prompt's content rather than a parameter.
-CONTENT_CODES = frozenset({"content_policy_violation", "moderation_blocked"})
 #: OpenAI's parameter names, as the fields of our API that carry them.
 PARAM_FIELDS = {"n": "max_images"}
 
@@ -245,7 +244,7 @@ def upstream_error(
         )
         return with_retry_after(limited, headers)
     if 400 <= status < 500 and status != 408:
-        if code in CONTENT_CODES:
+        if content_refused(code):
             return UpstreamRejected(
                 "prompt",
                 f"rejected by the provider's safety system ({code}): {message}",
