@@ -208,7 +208,8 @@ def validate_request(
 
 def _webhook_problems(url: str, each_image: bool) -> list[FieldViolation]:
     if len(url) > MAX_WEBHOOK_URL_CHARS:
-        return [FieldViolation("webhook_url", f"is {len(url)} characters; at most 2048")]
+        limit = MAX_WEBHOOK_URL_CHARS
+        return [FieldViolation("webhook_url", f"is {len(url)} characters; at most {limit}")]
     if each_image and not url:
         return [FieldViolation("webhook_each_image", "needs webhook_url")]
     return []

@@ -31,11 +31,10 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from sia.errors import InvalidArgument
+from sia.validation import MAX_WEBHOOK_URL_CHARS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-#: The longest webhook URL accepted (the proto documents the same bound).
-MAX_URL_LENGTH = 2048
 _SCHEMES = ("http", "https")
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 # Characters no URL SIA sends may hold: whitespace, controls, backslash (parsers disagree on it).
@@ -84,8 +83,8 @@ def parse_target(value: str, field: str, *, allow_private: bool) -> Target:
     """The URL parsed, with its syntax checked and an IP-literal host vetted."""
     if not value:
         raise InvalidArgument.field(field, "must not be empty")
-    if len(value) > MAX_URL_LENGTH:
-        raise InvalidArgument.field(field, f"must be at most {MAX_URL_LENGTH} characters")
+    if len(value) > MAX_WEBHOOK_URL_CHARS:
+        raise InvalidArgument.field(field, f"must be at most {MAX_WEBHOOK_URL_CHARS} characters")
     if _FORBIDDEN.search(value):
         raise InvalidArgument.field(field, "must not hold spaces, control characters or '\\'")
     try:
